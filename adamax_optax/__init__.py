@@ -1,0 +1,58 @@
+"""Keras-exact Adamax, with every Keras option, as pure-functional optax code.
+
+>>> import jax.numpy as jnp, optax
+>>> import adamax_optax
+>>> tx = adamax_optax.adamax(learning_rate=0.5)
+>>> params = jnp.array([1.0, 2.0, 3.0, 4.0])
+>>> updates, state = tx.update(jnp.array([1.0, 6.0, 7.0, 2.0]), tx.init(params))
+>>> optax.apply_updates(params, updates).round(4)  # epsilon moves the 7th digit
+Array([0.5, 1.5, 2.5, 3.5], dtype=float32)
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from adamax_optax._accumulation import (
+    AccumulateGradientsState as AccumulateGradientsState,
+)
+from adamax_optax._accumulation import accumulate_gradients as accumulate_gradients
+from adamax_optax._adamax import ScaleByKerasAdamaxState as ScaleByKerasAdamaxState
+from adamax_optax._adamax import scale_by_keras_adamax as scale_by_keras_adamax
+from adamax_optax._alias import adamax as adamax
+from adamax_optax._clipping import keras_clipnorm as keras_clipnorm
+from adamax_optax._clipping import keras_clipvalue as keras_clipvalue
+from adamax_optax._clipping import keras_global_clipnorm as keras_global_clipnorm
+from adamax_optax._ema import ParameterEMAState as ParameterEMAState
+from adamax_optax._ema import finalize_variable_values as finalize_variable_values
+from adamax_optax._ema import parameter_ema as parameter_ema
+from adamax_optax._learning_rate import (
+    ScaleByKerasLearningRateState as ScaleByKerasLearningRateState,
+)
+from adamax_optax._learning_rate import (
+    scale_by_keras_learning_rate as scale_by_keras_learning_rate,
+)
+from adamax_optax._loss_scale import unscale_gradients as unscale_gradients
+from adamax_optax._weight_decay import decoupled_weight_decay as decoupled_weight_decay
+
+try:
+    __version__ = version("adamax_optax")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AccumulateGradientsState",
+    "ParameterEMAState",
+    "ScaleByKerasAdamaxState",
+    "ScaleByKerasLearningRateState",
+    "__version__",
+    "accumulate_gradients",
+    "adamax",
+    "decoupled_weight_decay",
+    "finalize_variable_values",
+    "keras_clipnorm",
+    "keras_clipvalue",
+    "keras_global_clipnorm",
+    "parameter_ema",
+    "scale_by_keras_adamax",
+    "scale_by_keras_learning_rate",
+    "unscale_gradients",
+]

@@ -1,0 +1,118 @@
+"""The Keras Adamax rule as an optax building block."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike, DTypeLike
+
+from adamax_optax import _common, _validation
+
+
+class ScaleByKerasAdamaxState(NamedTuple):
+    """State of :func:`scale_by_keras_adamax`.
+
+    Attributes:
+      count: number of updates applied so far (int32); the next update uses
+        ``t = count + 1`` for its bias correction.
+      m: first moment, one leaf per parameter.
+      u: exponentially weighted infinity norm, one leaf per parameter.
+    """
+
+    count: jax.Array
+    m: optax.Updates
+    u: optax.Updates
+
+
+def scale_by_keras_adamax(
+    beta_1: ArrayLike = 0.9,
+    beta_2: ArrayLike = 0.999,
+    epsilon: ArrayLike = 1e-7,
+    *,
+    state_dtype: DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    r"""Rescales updates by the Adamax rule exactly as Keras computes it.
+
+    With ``t`` the number of updates applied so far plus one, each leaf becomes::
+
+        m = m + (g - m) * (1 - beta_1)
+        u = maximum(beta_2 * u, abs(g))
+        direction = m / ((1 - beta_1 ** t) * (u + epsilon))
+
+    Chain it with a learning rate (``optax.scale(-lr)`` or
+    :func:`scale_by_keras_learning_rate`) to get Keras' step
+    ``w = w - lr * direction``. This is not ``optax.scale_by_adamax``, which keeps
+    epsilon inside the maximum and has no bias correction of its own.
+
+    The arithmetic runs in float32; ``m`` and ``u`` are stored in ``state_dtype``
+    (default: each parameter's dtype, as Keras does) and the direction comes back
+    in the dtype of the incoming updates.
+
+    Args:
+      beta_1: decay rate of the first moment, in [0, 1).
+      beta_2: decay rate of the infinity norm, in [0, 1).
+      epsilon: added to ``u`` before dividing, >= 0.
+      state_dtype: dtype of ``m`` and ``u``; ``None`` keeps each parameter's dtype.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example (Keras' own golden value, one step with learning rate 0.5):
+      >>> import jax.numpy as jnp, optax
+      >>> from adamax_optax import scale_by_keras_adamax
+      >>> tx = optax.chain(scale_by_keras_adamax(), optax.scale(-0.5))
+      >>> params = jnp.array([1.0, 2.0, 3.0, 4.0])
+      >>> grads = jnp.array([1.0, 6.0, 7.0, 2.0])
+      >>> updates, state = tx.update(grads, tx.init(params))
+      >>> optax.apply_updates(params, updates).round(4)  # epsilon moves the 7th digit
+      Array([0.5, 1.5, 2.5, 3.5], dtype=float32)
+
+    References:
+      Kingma and Ba, *Adam: A Method for Stochastic Optimization*, section 7.1,
+      https://arxiv.org/abs/1412.6980
+    """
+    _validation.check_in_unit_interval("beta_1", beta_1)
+    _validation.check_in_unit_interval("beta_2", beta_2)
+    _validation.check_non_negative("epsilon", epsilon)
+    _validation.check_state_dtype(state_dtype)
+
+    def init_fn(params: optax.Params) -> ScaleByKerasAdamaxState:
+        return ScaleByKerasAdamaxState(
+            count=jnp.zeros([], jnp.int32),
+            m=_common.zeros_like_in(params, state_dtype),
+            u=_common.zeros_like_in(params, state_dtype),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: ScaleByKerasAdamaxState,
+        params: optax.Params | None = None,
+    ) -> tuple[optax.Updates, ScaleByKerasAdamaxState]:
+        del params
+        b1 = _common.as_compute_scalar(beta_1)
+        b2 = _common.as_compute_scalar(beta_2)
+        eps = _common.as_compute_scalar(epsilon)
+        t = (state.count + 1).astype(_common.COMPUTE_DTYPE)
+        bias_correction = 1 - jnp.power(jnp.asarray(b1, _common.COMPUTE_DTYPE), t)
+
+        grads = _common.to_compute(updates)
+        m = jax.tree.map(
+            lambda g, m: m + (g - m) * (1 - b1), grads, _common.to_compute(state.m)
+        )
+        u = jax.tree.map(
+            lambda g, u: jnp.maximum(b2 * u, jnp.abs(g)),
+            grads,
+            _common.to_compute(state.u),
+        )
+        direction = jax.tree.map(lambda m, u: m / (bias_correction * (u + eps)), m, u)
+        new_state = ScaleByKerasAdamaxState(
+            count=optax.safe_increment(state.count),
+            m=_common.cast_like(m, state.m),
+            u=_common.cast_like(u, state.u),
+        )
+        return _common.cast_like(direction, updates), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)

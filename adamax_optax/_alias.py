@@ -1,0 +1,191 @@
+"""``adamax(...)``: the whole Keras ``Adamax`` optimizer as one optax chain."""
+
+from __future__ import annotations
+
+import optax
+from jax.typing import ArrayLike, DTypeLike
+
+from adamax_optax import _validation
+from adamax_optax._accumulation import (
+    accumulate_gradients,
+    check_gradient_accumulation_steps,
+)
+from adamax_optax._adamax import scale_by_keras_adamax
+from adamax_optax._clipping import (
+    keras_clipnorm,
+    keras_clipvalue,
+    keras_global_clipnorm,
+)
+from adamax_optax._ema import check_ema_overwrite_frequency, parameter_ema
+from adamax_optax._learning_rate import (
+    LearningRate,
+    check_learning_rate,
+    scale_by_keras_learning_rate,
+)
+from adamax_optax._loss_scale import unscale_gradients
+from adamax_optax._weight_decay import ExcludeFromWeightDecay, decoupled_weight_decay
+
+
+def _clipping(
+    clipnorm: ArrayLike | None,
+    clipvalue: ArrayLike | None,
+    global_clipnorm: ArrayLike | None,
+) -> list[tuple[str, optax.GradientTransformation]]:
+    if clipnorm is not None:
+        return [("clipnorm", keras_clipnorm(clipnorm))]
+    if global_clipnorm is not None:
+        return [("global_clipnorm", keras_global_clipnorm(global_clipnorm))]
+    if clipvalue is not None:
+        return [("clipvalue", keras_clipvalue(clipvalue))]
+    return []
+
+
+def adamax(
+    learning_rate: LearningRate = 0.001,
+    beta_1: ArrayLike = 0.9,
+    beta_2: ArrayLike = 0.999,
+    epsilon: ArrayLike = 1e-7,
+    weight_decay: ArrayLike | None = None,
+    clipnorm: ArrayLike | None = None,
+    clipvalue: ArrayLike | None = None,
+    global_clipnorm: ArrayLike | None = None,
+    use_ema: bool = False,
+    ema_momentum: ArrayLike = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: ArrayLike | None = None,
+    gradient_accumulation_steps: int | None = None,
+    *,
+    exclude_from_weight_decay: ExcludeFromWeightDecay = None,
+    state_dtype: DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Keras' ``Adamax`` optimizer, every option included, as an optax transform.
+
+    Takes the signature of ``keras.optimizers.Adamax`` and reproduces its
+    numerics. One call ``update(grads, state, params)`` does, in Keras' order:
+
+    1. ``g = g / loss_scale_factor``;
+    2. with ``gradient_accumulation_steps = N``: calls ``1 .. N - 1`` of a group
+       only accumulate (zero updates); call ``N`` continues with the mean;
+    3. clipping: ``clipnorm`` per leaf, ``global_clipnorm`` or ``clipvalue``;
+    4. the Adamax step, with decoupled weight decay and ``t`` the 1-based update
+       number::
+
+           m = m + (g - m) * (1 - beta_1)
+           u = maximum(beta_2 * u, abs(g))
+           w = w - lr * (m / ((1 - beta_1 ** t) * (u + epsilon)) + weight_decay * w)
+
+    5. ``use_ema``: the moving average of the parameters, which replaces them
+       every ``ema_overwrite_frequency`` updates.
+
+    The state is an ``optax.named_chain`` state: read it by name, e.g.
+    ``state["adamax"].m`` (under accumulation:
+    ``state["accumulate"].inner_state["adamax"]``). Each stage is a building block
+    of this package usable alone.
+
+    Args:
+      learning_rate: a number, an optax schedule, a Keras
+        ``LearningRateSchedule`` or a zero-argument callable (see
+        :func:`scale_by_keras_learning_rate`). Defaults to 0.001.
+      beta_1: decay rate of the first moment, in [0, 1).
+      beta_2: decay rate of the infinity norm, in [0, 1).
+      epsilon: added to ``u`` before dividing, >= 0.
+      weight_decay: decoupled weight decay rate, >= 0, or ``None``.
+      clipnorm: clip each leaf to this L2 norm, > 0, or ``None``.
+      clipvalue: clip each element to ``[-clipvalue, clipvalue]``, or ``None``.
+      global_clipnorm: clip all leaves together to this global L2 norm, or
+        ``None``. At most one of the three clipping options may be set.
+      use_ema: keep a moving average of the parameters.
+      ema_momentum: weight of the old average, in [0, 1].
+      ema_overwrite_frequency: overwrite the parameters with their average
+        every this many updates, or ``None`` (then use
+        :func:`finalize_variable_values` at the end).
+      loss_scale_factor: a fixed factor the loss was multiplied by, or ``None``.
+      gradient_accumulation_steps: apply one update every this many calls,
+        with the mean gradient; an integer >= 2 or ``None``.
+      exclude_from_weight_decay: leaves not to decay: regular expressions
+        searched in ``"/"``-joined key paths, a pytree of bools (``True`` =
+        excluded), or a callable returning one.
+      state_dtype: dtype of the moments, accumulator and EMA; ``None`` keeps
+        each parameter's dtype (as Keras does).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
+      when ``weight_decay`` or ``use_ema`` is set.
+
+    Raises:
+      ValueError, TypeError: for any argument out of range or of the wrong type,
+        naming the argument and the value received.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from adamax_optax import adamax
+      >>> tx = adamax(learning_rate=0.1, weight_decay=0.01, global_clipnorm=1.0)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> loss = lambda p: jnp.sum(p["w"] ** 2)
+      >>> state = tx.init(params)
+      >>> for _ in range(100):
+      ...     grads = jax.grad(loss)(params)
+      ...     updates, state = tx.update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(loss(params) < 1e-2), int(state["adamax"].count)
+      (True, 100)
+    """
+    check_learning_rate(learning_rate)
+    _validation.check_only_one_clip(clipnorm, clipvalue, global_clipnorm)
+    _validation.check_bool("use_ema", use_ema)
+    _validation.check_ema_momentum(ema_momentum)
+    check_ema_overwrite_frequency(ema_overwrite_frequency)
+    if gradient_accumulation_steps is not None:
+        check_gradient_accumulation_steps(gradient_accumulation_steps)
+
+    update_chain = [
+        *_clipping(clipnorm, clipvalue, global_clipnorm),
+        (
+            "adamax",
+            scale_by_keras_adamax(beta_1, beta_2, epsilon, state_dtype=state_dtype),
+        ),
+    ]
+    if weight_decay is not None:
+        update_chain.append(
+            (
+                "weight_decay",
+                decoupled_weight_decay(
+                    weight_decay, exclude_from_weight_decay=exclude_from_weight_decay
+                ),
+            )
+        )
+    update_chain.append(
+        (
+            "learning_rate",
+            scale_by_keras_learning_rate(
+                learning_rate, steps_per_update=gradient_accumulation_steps or 1
+            ),
+        )
+    )
+    if use_ema:
+        update_chain.append(
+            (
+                "ema",
+                parameter_ema(
+                    ema_momentum, ema_overwrite_frequency, state_dtype=state_dtype
+                ),
+            )
+        )
+
+    chain = []
+    if loss_scale_factor is not None:
+        chain.append(("loss_scale", unscale_gradients(loss_scale_factor)))
+    if gradient_accumulation_steps is None:
+        chain.extend(update_chain)
+    else:
+        chain.append(
+            (
+                "accumulate",
+                accumulate_gradients(
+                    optax.named_chain(*update_chain),
+                    gradient_accumulation_steps,
+                    state_dtype=state_dtype,
+                ),
+            )
+        )
+    return optax.named_chain(*chain)

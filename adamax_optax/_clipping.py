@@ -1,0 +1,130 @@
+"""Keras' three gradient-clipping options, with Keras' exact formulas."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from adamax_optax import _common, _validation
+
+
+def _stateless(update: callable) -> optax.GradientTransformation:
+    def update_fn(updates, state, params=None):
+        del params
+        return update(updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _in_compute_dtype(fn: callable, g: jax.Array) -> jax.Array:
+    return fn(g.astype(_common.COMPUTE_DTYPE)).astype(g.dtype)
+
+
+def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformation:
+    r"""Clips each leaf to an L2 norm of at most ``clipnorm`` (Keras' ``clipnorm``).
+
+    Per leaf ``g``, with ``c = clipnorm``::
+
+        g = g * c / maximum(l2(g), c)
+
+    A leaf of zeros stays zeros (Keras takes the norm with a NaN-safe ``where``).
+
+    Args:
+      clipnorm: the largest L2 norm of any one leaf, > 0.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import keras_clipnorm
+      >>> tx = keras_clipnorm(1.0)
+      >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.1, 0.0])}
+      >>> updates, _ = tx.update(grads, tx.init(grads))
+      >>> updates["a"], updates["b"]
+      (Array([0.6, 0.8], dtype=float32), Array([0.1, 0. ], dtype=float32))
+    """
+    _validation.check_positive("clipnorm", clipnorm)
+
+    def clip_leaf(g: jax.Array) -> jax.Array:
+        c = _common.as_compute_scalar(clipnorm)
+        l2sum = jnp.sum(jnp.square(g), keepdims=True)
+        nonzero = l2sum > 0
+        l2sum_safe = jnp.where(nonzero, l2sum, jnp.ones_like(l2sum))
+        l2norm = jnp.where(nonzero, jnp.sqrt(l2sum_safe), l2sum)
+        return (g * c) / jnp.maximum(l2norm, c)
+
+    return _stateless(
+        lambda updates: jax.tree.map(lambda g: _in_compute_dtype(clip_leaf, g), updates)
+    )
+
+
+def keras_global_clipnorm(global_clipnorm: ArrayLike) -> optax.GradientTransformation:
+    r"""Clips all leaves together to a global L2 norm of at most ``global_clipnorm``.
+
+    With ``n = sqrt(sum over leaves of sum(g ** 2))`` and ``c = global_clipnorm``::
+
+        g = g * (c * minimum(1 / n, 1 / c) + (n - n))
+
+    The ``(n - n)`` term is Keras' on purpose: a non-finite norm turns every
+    gradient into NaN rather than silently clipping an overflowed gradient. Under
+    ``jit`` with sharded leaves the sums are global, so ``n`` is the true norm.
+
+    Args:
+      global_clipnorm: the largest global L2 norm, > 0.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import keras_global_clipnorm
+      >>> tx = keras_global_clipnorm(1.0)
+      >>> grads = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+      >>> updates, _ = tx.update(grads, tx.init(grads))
+      >>> updates["a"], updates["b"]
+      (Array([0.6], dtype=float32), Array([0.8], dtype=float32))
+    """
+    _validation.check_positive("global_clipnorm", global_clipnorm)
+
+    def clip(updates: optax.Updates) -> optax.Updates:
+        c = _common.as_compute_scalar(global_clipnorm)
+        grads = _common.to_compute(updates)
+        squared = [jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)]
+        norm = jnp.sqrt(jnp.sum(jnp.stack(squared))) if squared else jnp.float32(0)
+        scale = c * jnp.minimum(1.0 / norm, 1.0 / c) + (norm - norm)
+        return _common.cast_like(jax.tree.map(lambda g: g * scale, grads), updates)
+
+    return _stateless(clip)
+
+
+def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformation:
+    r"""Clips every element to ``[-clipvalue, clipvalue]`` (Keras' ``clipvalue``).
+
+    ``g = clip(g, -v, v)`` elementwise.
+
+    Args:
+      clipvalue: the largest absolute value of any element, > 0.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import keras_clipvalue
+      >>> tx = keras_clipvalue(0.5)
+      >>> updates, _ = tx.update(jnp.array([-2.0, 0.25, 3.0]), tx.init(None))
+      >>> updates
+      Array([-0.5 ,  0.25,  0.5 ], dtype=float32)
+    """
+    _validation.check_positive("clipvalue", clipvalue)
+
+    def clip_leaf(g: jax.Array) -> jax.Array:
+        v = _common.as_compute_scalar(clipvalue)
+        return jnp.clip(g, -v, v)
+
+    return _stateless(
+        lambda updates: jax.tree.map(lambda g: _in_compute_dtype(clip_leaf, g), updates)
+    )

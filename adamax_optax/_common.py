@@ -1,0 +1,84 @@
+"""Small helpers shared by the transformations: dtypes, hyperparameters, key paths."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike, DTypeLike
+
+COMPUTE_DTYPE = jnp.float32
+"""Every update rule computes in float32, whatever the parameters' dtype."""
+
+
+def as_compute_scalar(value: ArrayLike) -> ArrayLike:
+    """A hyperparameter ready to combine with float32 arrays.
+
+    Python numbers stay Python numbers, so that they enter the arithmetic as weakly
+    typed constants exactly as Keras' do; arrays (for example the ones
+    ``optax.inject_hyperparams`` passes, possibly in bfloat16) become float32 so
+    that strict dtype promotion never sees a mixed pair.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    return jnp.asarray(value).astype(COMPUTE_DTYPE)
+
+
+def state_dtype_of(leaf: ArrayLike, state_dtype: DTypeLike | None) -> np.dtype:
+    """The dtype of a state leaf that mirrors ``leaf``."""
+    return np.dtype(state_dtype) if state_dtype is not None else jnp.result_type(leaf)
+
+
+def zeros_like_in(tree: Any, state_dtype: DTypeLike | None) -> Any:
+    """Zeros shaped like ``tree``, in ``state_dtype`` (default: each leaf's dtype)."""
+    return jax.tree.map(
+        lambda x: jnp.zeros(jnp.shape(x), state_dtype_of(x, state_dtype)), tree
+    )
+
+
+def to_compute(tree: Any) -> Any:
+    """Casts every leaf of ``tree`` to the float32 compute dtype."""
+    return jax.tree.map(lambda x: jnp.asarray(x).astype(COMPUTE_DTYPE), tree)
+
+
+def cast_like(tree: Any, reference: Any) -> Any:
+    """Casts each leaf of ``tree`` to the dtype of its twin in ``reference``."""
+    return jax.tree.map(lambda x, r: x.astype(jnp.result_type(r)), tree, reference)
+
+
+def key_path_name(path: Sequence[Any]) -> str:
+    """A leaf's key path written as ``"/"``-joined names.
+
+    Dict keys, NamedTuple / dataclass fields and sequence indices each give one
+    name, so the bias of a Flax ``Dense_0`` layer reads ``"params/Dense_0/bias"``.
+
+    >>> import jax
+    >>> paths = jax.tree_util.tree_flatten_with_path({"a": [0, {"b": 1}]})[0]
+    >>> [key_path_name(path) for path, _ in paths]
+    ['a/0', 'a/1/b']
+    """
+    names = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.DictKey):
+            names.append(str(entry.key))
+        elif isinstance(entry, jax.tree_util.GetAttrKey):
+            names.append(entry.name)
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            names.append(str(entry.idx))
+        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
+            names.append(str(entry.key))
+        else:
+            names.append(str(entry))
+    return "/".join(names)
+
+
+def require_params(params: Any, transform_name: str) -> None:
+    """Raises a clear error when a transformation that reads params gets none."""
+    if params is None:
+        raise ValueError(
+            f"`{transform_name}` needs the current parameters: call "
+            "`update(updates, state, params)`."
+        )

@@ -1,0 +1,170 @@
+"""Exponential moving average of the parameters: Keras' ``use_ema``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike, DTypeLike
+
+from adamax_optax import _common, _validation
+
+
+class ParameterEMAState(NamedTuple):
+    """State of :func:`parameter_ema`.
+
+    Attributes:
+      count: number of updates seen (int32).
+      ema: the moving average of the parameters, in the state dtype. Before the
+        first update it holds the initial parameters.
+    """
+
+    count: jax.Array
+    ema: optax.Params
+
+
+def check_ema_overwrite_frequency(value: Any) -> None:
+    """``None`` or an integer >= 1, with Keras' message."""
+    if value is not None:
+        _validation.check_integer_at_least(
+            "ema_overwrite_frequency",
+            value,
+            1,
+            "`ema_overwrite_frequency` must be an integer >= 1 or None.",
+        )
+
+
+def parameter_ema(
+    ema_momentum: ArrayLike = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    *,
+    state_dtype: DTypeLike | None = None,
+) -> optax.GradientTransformation:
+    r"""Tracks a moving average of the parameters; can overwrite them with it.
+
+    Put it last in a chain, so that ``w_new = params + updates`` are the
+    parameters after this update. With ``k`` the 1-based number of this update::
+
+        ema = w_new                                           if k == 1
+        ema = ema_momentum * ema + (1 - ema_momentum) * w_new otherwise
+
+    If ``ema_overwrite_frequency = F`` and ``k % F == 0`` the parameters become
+    the average: the block emits ``updates = ema - params``. Read the average
+    with :func:`finalize_variable_values` (Keras'
+    ``optimizer.finalize_variable_values``).
+
+    Args:
+      ema_momentum: weight of the old average, in [0, 1].
+      ema_overwrite_frequency: overwrite the parameters with the average every
+        this many updates; ``None`` never does.
+      state_dtype: dtype of the average; ``None`` keeps each parameter's dtype.
+
+    Returns:
+      An ``optax.GradientTransformation`` that needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from adamax_optax import finalize_variable_values, parameter_ema
+      >>> tx = optax.chain(optax.sgd(1.0), parameter_ema(0.5))
+      >>> params = jnp.array([0.0])
+      >>> state = tx.init(params)
+      >>> for _ in range(2):
+      ...     updates, state = tx.update(jnp.array([-1.0]), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> params, finalize_variable_values(params, state)  # ema = (1 + 2) / 2
+      (Array([2.], dtype=float32), Array([1.5], dtype=float32))
+    """
+    _validation.check_ema_momentum(ema_momentum)
+    check_ema_overwrite_frequency(ema_overwrite_frequency)
+    _validation.check_state_dtype(state_dtype)
+
+    def init_fn(params: optax.Params) -> ParameterEMAState:
+        ema = jax.tree.map(
+            lambda p: jnp.asarray(p).astype(_common.state_dtype_of(p, state_dtype)),
+            params,
+        )
+        return ParameterEMAState(count=jnp.zeros([], jnp.int32), ema=ema)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: ParameterEMAState,
+        params: optax.Params | None = None,
+    ) -> tuple[optax.Updates, ParameterEMAState]:
+        _common.require_params(params, "parameter_ema")
+        new_params = _common.to_compute(optax.apply_updates(params, updates))
+        momentum = jnp.where(
+            state.count == 0,
+            jnp.zeros([], _common.COMPUTE_DTYPE),
+            jnp.asarray(_common.as_compute_scalar(ema_momentum), _common.COMPUTE_DTYPE),
+        )
+        ema = jax.tree.map(
+            lambda e, w: momentum * e + (1 - momentum) * w,
+            _common.to_compute(state.ema),
+            new_params,
+        )
+        if ema_overwrite_frequency is not None:
+            overwrite = (state.count + 1) % ema_overwrite_frequency == 0
+            updates = jax.tree.map(
+                lambda u, e, p: jnp.where(
+                    overwrite, (e - p.astype(_common.COMPUTE_DTYPE)).astype(u.dtype), u
+                ),
+                updates,
+                ema,
+                params,
+            )
+        new_state = ParameterEMAState(
+            count=optax.safe_increment(state.count),
+            ema=_common.cast_like(ema, state.ema),
+        )
+        return updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) -> Any:
+    """The parameters to keep at the end of training (Keras' method of that name).
+
+    With EMA on, returns the moving average held in ``opt_state``, cast to the
+    parameters' dtypes; with EMA off, returns ``params`` unchanged. ``opt_state``
+    may be the state of :func:`adamax`, of any chain holding
+    :func:`parameter_ema`, or anything containing one (an
+    ``optax.inject_hyperparams`` state, a Flax ``TrainState``).
+
+    Args:
+      params: the current parameters.
+      opt_state: an optimizer state, possibly nested.
+
+    Returns:
+      The final parameters.
+
+    Raises:
+      ValueError: if the state holds more than one EMA.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from adamax_optax import adamax, finalize_variable_values
+      >>> tx = adamax(0.1, use_ema=True, ema_momentum=0.5)
+      >>> params = jnp.array([1.0])
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jnp.array([1.0]), state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> bool(jnp.all(finalize_variable_values(params, state) == params))
+      True
+    """
+    found = [
+        leaf
+        for leaf in jax.tree.leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, ParameterEMAState)
+        )
+        if isinstance(leaf, ParameterEMAState)
+    ]
+    if not found:
+        return params
+    if len(found) > 1:
+        raise ValueError(
+            f"The optimizer state holds {len(found)} parameter EMAs; "
+            "`finalize_variable_values` needs exactly one."
+        )
+    return _common.cast_like(found[0].ema, params)

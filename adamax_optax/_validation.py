@@ -1,0 +1,129 @@
+"""Construction-time checks of hyperparameters, with Keras' messages.
+
+Every check applies only to *concrete* values (Python or NumPy numbers and concrete
+JAX arrays). A tracer, such as the value ``optax.inject_hyperparams`` passes inside
+``jit``, is let through unchecked: it cannot be inspected without leaving the trace.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def concrete_scalar(value: Any) -> float | None:
+    """Returns ``value`` as a Python float, or ``None`` if it is a tracer."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return float(np.asarray(value))
+
+
+def _check_number(name: str, value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(
+        value, numbers.Real | np.ndarray | np.generic | jax.Array
+    ):
+        raise TypeError(f"`{name}` must be a number. Received: {name}={value!r}")
+    if np.ndim(value) != 0:
+        raise ValueError(
+            f"`{name}` must be a scalar. Received: {name} with shape {np.shape(value)}"
+        )
+    number = concrete_scalar(value)
+    if number is not None and not math.isfinite(number):
+        raise ValueError(f"`{name}` must be finite. Received: {name}={value}")
+    return number
+
+
+def check_in_unit_interval(name: str, value: Any) -> None:
+    """Requires ``0 <= value < 1`` (the moment decay rates)."""
+    number = _check_number(name, value)
+    if number is not None and not 0.0 <= number < 1.0:
+        raise ValueError(
+            f"`{name}` must be in the range [0, 1). Received: {name}={value}"
+        )
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    """Requires a finite ``value >= 0``."""
+    number = _check_number(name, value)
+    if number is not None and number < 0:
+        raise ValueError(f"`{name}` must be >= 0. Received: {name}={value}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Requires a finite ``value > 0``."""
+    number = _check_number(name, value)
+    if number is not None and number <= 0:
+        raise ValueError(f"`{name}` must be > 0. Received: {name}={value}")
+
+
+def check_ema_momentum(value: Any) -> None:
+    """Keras' check of ``ema_momentum``, which allows both ends of [0, 1]."""
+    number = _check_number("ema_momentum", value)
+    if number is not None and not 0.0 <= number <= 1.0:
+        raise ValueError(
+            "`ema_momentum` must be in the range [0, 1]. "
+            f"Received: ema_momentum={value}"
+        )
+
+
+def _integer_value(value: Any) -> int | None:
+    """Returns ``value`` as an int, ``None`` for a tracer; raises if not integral."""
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, np.ndarray | np.generic | jax.Array) and np.issubdtype(
+        value.dtype, np.integer
+    ):
+        if np.ndim(value) != 0:
+            raise TypeError
+        return None if isinstance(value, jax.core.Tracer) else int(value)
+    raise TypeError
+
+
+def check_integer_at_least(name: str, value: Any, minimum: int, message: str) -> None:
+    """Requires an integer ``value >= minimum``; ``message`` is Keras' wording."""
+    try:
+        integer = _integer_value(value)
+    except TypeError:
+        raise TypeError(f"{message} Received: {name}={value!r}") from None
+    if integer is not None and integer < minimum:
+        raise ValueError(f"{message} Received: {name}={value}")
+
+
+def check_only_one_clip(clipnorm: Any, clipvalue: Any, global_clipnorm: Any) -> None:
+    """Keras allows at most one of the three clipping options."""
+    if sum(c is not None for c in (clipnorm, clipvalue, global_clipnorm)) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can "
+            f"be set. Received: clipnorm={clipnorm}, "
+            f"clipvalue={clipvalue}, global_clipnorm={global_clipnorm}"
+        )
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Requires a Python or NumPy bool (flags cannot be traced)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
+
+
+def check_state_dtype(value: Any) -> None:
+    """Requires ``None`` or a floating-point dtype."""
+    if value is None:
+        return
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        raise TypeError(
+            f"`state_dtype` must be a floating-point dtype or None. "
+            f"Received: state_dtype={value!r}"
+        ) from None
+    if not jax.dtypes.issubdtype(dtype, np.floating):
+        raise ValueError(
+            "`state_dtype` must be a floating-point dtype or None. "
+            f"Received: state_dtype={dtype}"
+        )

@@ -1,0 +1,131 @@
+"""Decoupled weight decay with Keras-style exclusions by variable name."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import optax
+from jax.typing import ArrayLike
+
+from adamax_optax import _common, _validation
+
+ExcludeFromWeightDecay = str | Sequence[str] | Any | Callable[[Any], Any] | None
+"""Patterns, a pytree of bools (``True`` = excluded), or ``params -> such a tree``."""
+
+
+def _pattern_mask(patterns: Sequence[str]) -> Callable[[Any], Any]:
+    compiled = re.compile("|".join(patterns))
+
+    def mask(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: compiled.search(_common.key_path_name(path)) is not None,
+            params,
+        )
+
+    return mask
+
+
+def exclusion_mask(
+    exclude_from_weight_decay: ExcludeFromWeightDecay,
+) -> Callable[[Any], Any]:
+    """Turns any accepted form of exclusion into ``params -> tree of bools``.
+
+    Raises:
+      TypeError: for a pattern list holding something other than strings.
+      ValueError: for a pattern that is not a valid regular expression.
+    """
+    exclude = exclude_from_weight_decay
+    if exclude is None or (isinstance(exclude, list | tuple | set) and not exclude):
+        return lambda params: jax.tree.map(lambda _: False, params)
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    if callable(exclude):
+        return exclude
+    if isinstance(exclude, list | tuple | set | frozenset) and all(
+        isinstance(p, str) for p in exclude
+    ):
+        for pattern in exclude:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(
+                    "`exclude_from_weight_decay` holds an invalid regular "
+                    f"expression. Received: {pattern!r} ({error})"
+                ) from None
+        return _pattern_mask(sorted(exclude))
+    leaves = jax.tree.leaves(exclude)
+    if isinstance(exclude, list | tuple) and any(isinstance(p, str) for p in leaves):
+        raise TypeError(
+            "`exclude_from_weight_decay` must be a sequence of strings, a pytree "
+            f"of bools or a callable. Received: {exclude!r}"
+        )
+    if not all(isinstance(leaf, bool) for leaf in leaves):
+        raise TypeError(
+            "A mask given as `exclude_from_weight_decay` must hold Python bools "
+            f"(True = excluded). Received: {exclude!r}"
+        )
+    return lambda params: exclude
+
+
+def decoupled_weight_decay(
+    weight_decay: ArrayLike,
+    *,
+    exclude_from_weight_decay: ExcludeFromWeightDecay = None,
+) -> optax.GradientTransformation:
+    r"""Adds ``weight_decay * w`` to the update direction (Keras' ``weight_decay``).
+
+    Keras applies ``w = w - w * weight_decay * lr`` just before the optimizer
+    step, with the step's own learning rate. Placed before the learning rate in
+    a chain, this block computes the same thing in optax form::
+
+        direction = direction + weight_decay * w     # then  * -lr
+
+    Leaves can be excluded, as with Keras' ``exclude_from_weight_decay``:
+
+    * a sequence of regular expressions (or one string), searched with
+      ``re.search`` in each leaf's key path written as ``"/"``-joined names
+      (a Flax leaf reads ``"params/Dense_0/bias"``);
+    * a pytree of Python bools shaped like the parameters, ``True`` = excluded;
+    * a callable ``params -> such a pytree``.
+
+    Args:
+      weight_decay: the decay rate, >= 0.
+      exclude_from_weight_decay: which leaves not to decay.
+
+    Returns:
+      A stateless ``optax.GradientTransformation`` that needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import decoupled_weight_decay
+      >>> tx = decoupled_weight_decay(0.1, exclude_from_weight_decay=["bias"])
+      >>> params = {"kernel": jnp.array([2.0]), "bias": jnp.array([2.0])}
+      >>> zeros = {"kernel": jnp.zeros(1), "bias": jnp.zeros(1)}
+      >>> updates, _ = tx.update(zeros, tx.init(params), params)
+      >>> updates["kernel"], updates["bias"]
+      (Array([0.2], dtype=float32), Array([0.], dtype=float32))
+    """
+    _validation.check_non_negative("weight_decay", weight_decay)
+    excluded = exclusion_mask(exclude_from_weight_decay)
+
+    def decay_leaf(is_excluded: bool, u: jax.Array, w: jax.Array) -> jax.Array:
+        if is_excluded:
+            return u
+        wd = _common.as_compute_scalar(weight_decay)
+        u32 = u.astype(_common.COMPUTE_DTYPE)
+        return (u32 + wd * w.astype(_common.COMPUTE_DTYPE)).astype(u.dtype)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.EmptyState,
+        params: optax.Params | None = None,
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        _common.require_params(params, "decoupled_weight_decay")
+        mask = excluded(params)
+        updates = jax.tree.map(decay_leaf, mask, updates, params)
+        return updates, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
