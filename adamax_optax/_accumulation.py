@@ -98,8 +98,9 @@ def accumulate_gradients(
         )
 
         def apply_inner() -> tuple[optax.Updates, optax.Updates, optax.OptState]:
+            count = _common.as_compute_scalar(steps)
             mean = jax.tree.map(
-                lambda s, g: (s / steps).astype(g.dtype), group_sum, updates
+                lambda s, g: (s / count).astype(g.dtype), group_sum, updates
             )
             new_updates, inner_state = inner.update(
                 mean, state.inner_state, params, **extra_args

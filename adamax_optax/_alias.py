@@ -154,11 +154,14 @@ def adamax(
                 ),
             )
         )
+    steps_per_update = (
+        1 if gradient_accumulation_steps is None else gradient_accumulation_steps
+    )
     update_chain.append(
         (
             "learning_rate",
             scale_by_keras_learning_rate(
-                learning_rate, steps_per_update=gradient_accumulation_steps or 1
+                learning_rate, steps_per_update=steps_per_update
             ),
         )
     )

@@ -67,7 +67,12 @@ def as_update_schedule(
 
     def schedule(count: jax.Array) -> jax.Array:
         step = count * steps_per_update + (steps_per_update - 1)
-        return jnp.asarray(learning_rate(step), _common.COMPUTE_DTYPE)
+        # Schedules from optax and Keras mix Python floats with the int32 step;
+        # they are not written for strict promotion, so they run under the
+        # standard rules and their result is cast explicitly.
+        with jax.numpy_dtype_promotion("standard"):
+            rate = learning_rate(step)
+        return jnp.asarray(rate).astype(_common.COMPUTE_DTYPE)
 
     return schedule
 

@@ -1,0 +1,67 @@
+"""Test-wide settings: Keras on JAX, strict promotion, shared helpers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import settings
+
+# As in equinox: any silent upcast of a bf16 state or mixed-rank broadcast fails.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+settings.register_profile("dev", max_examples=50, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+SHAPES = {"dense/kernel": (4, 3), "dense/bias": (3,), "out/kernel": (3, 2)}
+
+
+def tolerance(reference: np.ndarray) -> float:
+    """SPEC section 5: ``1e-6 * (1 + max|w_ref|)``."""
+    return 1e-6 * (1.0 + float(np.max(np.abs(reference))))
+
+
+def assert_parity(ours: dict, reference: dict) -> None:
+    """Every leaf within the SPEC tolerance of the reference."""
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        ref = np.asarray(reference[key], np.float64)
+        got = np.asarray(ours[key], np.float64)
+        assert got.shape == ref.shape, key
+        error = float(np.max(np.abs(got - ref)))
+        assert error <= tolerance(ref), f"{key}: max error {error:.3g}"
+
+
+def make_problem(seed: int = 0, steps: int = 50, scale: float = 3.0):
+    """Initial params and a sequence of random gradients over ``SHAPES``."""
+    rng = np.random.default_rng(seed)
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    grads = [
+        {k: (scale * rng.normal(size=s)).astype(np.float32) for k, s in SHAPES.items()}
+        for _ in range(steps)
+    ]
+    return params, grads
+
+
+def run_ours(tx: optax.GradientTransformation, params: dict, grads: list, jit=True):
+    """Feeds ``grads`` to ``tx``; returns the final params and state."""
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    state = tx.init(params)
+    update = jax.jit(tx.update) if jit else tx.update
+    for g in grads:
+        updates, state = update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.fixture
+def problem():
+    return make_problem()

@@ -1,0 +1,177 @@
+"""Every bad argument raises at construction, naming the argument and the value."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adamax_optax
+from adamax_optax import adamax
+
+BAD_ARGUMENTS = [
+    # (keyword arguments, exception, text the message must contain)
+    (
+        {"learning_rate": -0.1},
+        ValueError,
+        "`learning_rate` must be >= 0. Received: learning_rate=-0.1",
+    ),
+    ({"learning_rate": "fast"}, TypeError, "learning_rate='fast'"),
+    ({"learning_rate": True}, TypeError, "learning_rate=True"),
+    ({"learning_rate": float("nan")}, ValueError, "learning_rate=nan"),
+    ({"learning_rate": np.ones(2)}, ValueError, "`learning_rate` must be a scalar"),
+    (
+        {"beta_1": 1.0},
+        ValueError,
+        "`beta_1` must be in the range [0, 1). Received: beta_1=1.0",
+    ),
+    ({"beta_1": -0.1}, ValueError, "beta_1=-0.1"),
+    ({"beta_2": 1.5}, ValueError, "beta_2=1.5"),
+    ({"beta_2": None}, TypeError, "beta_2=None"),
+    (
+        {"epsilon": -1e-7},
+        ValueError,
+        "`epsilon` must be >= 0. Received: epsilon=-1e-07",
+    ),
+    ({"weight_decay": -0.01}, ValueError, "weight_decay=-0.01"),
+    ({"clipnorm": 0.0}, ValueError, "`clipnorm` must be > 0. Received: clipnorm=0.0"),
+    ({"clipnorm": -1.0}, ValueError, "clipnorm=-1.0"),
+    ({"clipvalue": -1.0}, ValueError, "clipvalue=-1.0"),
+    ({"global_clipnorm": 0}, ValueError, "global_clipnorm=0"),
+    (
+        {"clipnorm": 1.0, "clipvalue": 1.0},
+        ValueError,
+        "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+        "Received: clipnorm=1.0, clipvalue=1.0, global_clipnorm=None",
+    ),
+    ({"clipnorm": 1.0, "global_clipnorm": 1.0}, ValueError, "Only one of"),
+    ({"use_ema": "yes"}, TypeError, "use_ema='yes'"),
+    (
+        {"use_ema": True, "ema_momentum": 1.5},
+        ValueError,
+        "`ema_momentum` must be in the range [0, 1]. Received: ema_momentum=1.5",
+    ),
+    (
+        {"use_ema": True, "ema_overwrite_frequency": 0},
+        ValueError,
+        "`ema_overwrite_frequency` must be an integer >= 1 or None. "
+        "Received: ema_overwrite_frequency=0",
+    ),
+    (
+        {"use_ema": True, "ema_overwrite_frequency": 2.5},
+        TypeError,
+        "ema_overwrite_frequency=2.5",
+    ),
+    ({"loss_scale_factor": 0.0}, ValueError, "loss_scale_factor=0.0"),
+    ({"loss_scale_factor": float("inf")}, ValueError, "loss_scale_factor=inf"),
+    (
+        {"gradient_accumulation_steps": 1},
+        ValueError,
+        "`gradient_accumulation_steps` must be an integer >= 2. "
+        "Received: gradient_accumulation_steps=1",
+    ),
+    (
+        {"gradient_accumulation_steps": 2.0},
+        TypeError,
+        "gradient_accumulation_steps=2.0",
+    ),
+    (
+        {"gradient_accumulation_steps": True},
+        TypeError,
+        "gradient_accumulation_steps=True",
+    ),
+    ({"state_dtype": jnp.int32}, ValueError, "state_dtype=int32"),
+    ({"state_dtype": "not-a-dtype"}, TypeError, "state_dtype='not-a-dtype'"),
+    (
+        {"weight_decay": 0.1, "exclude_from_weight_decay": ["("]},
+        ValueError,
+        "invalid regular expression",
+    ),
+    (
+        {"weight_decay": 0.1, "exclude_from_weight_decay": ["bias", 3]},
+        TypeError,
+        "exclude_from_weight_decay",
+    ),
+    (
+        {"weight_decay": 0.1, "exclude_from_weight_decay": {"w": 1}},
+        TypeError,
+        "must hold Python bools",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    BAD_ARGUMENTS,
+    ids=[str(kwargs) for kwargs, _, _ in BAD_ARGUMENTS],
+)
+def test_bad_argument_raises_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        adamax(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "name"),
+    [
+        (adamax_optax.scale_by_keras_adamax, {"beta_1": 2.0}, "beta_1"),
+        (adamax_optax.keras_clipnorm, {"clipnorm": 0.0}, "clipnorm"),
+        (adamax_optax.keras_clipvalue, {"clipvalue": -2.0}, "clipvalue"),
+        (
+            adamax_optax.keras_global_clipnorm,
+            {"global_clipnorm": -1.0},
+            "global_clipnorm",
+        ),
+        (adamax_optax.decoupled_weight_decay, {"weight_decay": -1.0}, "weight_decay"),
+        (
+            adamax_optax.unscale_gradients,
+            {"loss_scale_factor": -1.0},
+            "loss_scale_factor",
+        ),
+        (adamax_optax.parameter_ema, {"ema_momentum": 2.0}, "ema_momentum"),
+        (
+            adamax_optax.scale_by_keras_learning_rate,
+            {"learning_rate": -1.0},
+            "learning_rate",
+        ),
+    ],
+)
+def test_building_blocks_validate_their_own_arguments(factory, kwargs, name):
+    with pytest.raises(ValueError, match=f"{name}="):
+        factory(**kwargs)
+
+
+def test_accumulation_block_validates_steps():
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=0"):
+        adamax_optax.accumulate_gradients(optax.sgd(1.0), 0)
+
+
+def test_numpy_and_concrete_jax_values_are_validated():
+    with pytest.raises(ValueError, match=re.escape("beta_1=1.0")):
+        adamax(beta_1=np.float32(1.0))
+    with pytest.raises(ValueError, match=re.escape("beta_2=1.0")):
+        adamax(beta_2=jnp.asarray(1.0))
+    adamax(beta_1=np.float32(0.5), gradient_accumulation_steps=np.int64(3))
+
+
+def test_traced_hyperparameters_are_not_validated_inside_jit():
+    """Tracers cannot be checked without leaving the trace: they pass through."""
+
+    @jax.jit
+    def step(beta_1, grads):
+        tx = adamax(0.1, beta_1=beta_1)
+        return tx.update(grads, tx.init(grads))[0]
+
+    updates = step(jnp.float32(0.5), jnp.ones(3))
+    np.testing.assert_allclose(updates, -0.1 * np.ones(3), rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["weight_decay", "use_ema"])
+def test_update_without_params_is_a_clear_error(block):
+    tx = adamax(weight_decay=0.1) if block == "weight_decay" else adamax(use_ema=True)
+    params = jnp.ones(3)
+    with pytest.raises(ValueError, match="needs the current parameters"):
+        tx.update(params, tx.init(params))
