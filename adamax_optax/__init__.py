@@ -21,6 +21,10 @@ from adamax_optax._alias import adamax as adamax
 from adamax_optax._clipping import keras_clipnorm as keras_clipnorm
 from adamax_optax._clipping import keras_clipvalue as keras_clipvalue
 from adamax_optax._clipping import keras_global_clipnorm as keras_global_clipnorm
+from adamax_optax._dynamic_loss_scale import (
+    DynamicLossScaleState as DynamicLossScaleState,
+)
+from adamax_optax._dynamic_loss_scale import dynamic_loss_scale as dynamic_loss_scale
 from adamax_optax._ema import ParameterEMAState as ParameterEMAState
 from adamax_optax._ema import finalize_variable_values as finalize_variable_values
 from adamax_optax._ema import parameter_ema as parameter_ema
@@ -30,7 +34,11 @@ from adamax_optax._learning_rate import (
 from adamax_optax._learning_rate import (
     scale_by_keras_learning_rate as scale_by_keras_learning_rate,
 )
+from adamax_optax._loss_scale import StaticLossScaleState as StaticLossScaleState
 from adamax_optax._loss_scale import unscale_gradients as unscale_gradients
+from adamax_optax._state import get_iterations as get_iterations
+from adamax_optax._state import get_learning_rate as get_learning_rate
+from adamax_optax._state import get_loss_scale as get_loss_scale
 from adamax_optax._weight_decay import decoupled_weight_decay as decoupled_weight_decay
 
 try:
@@ -40,14 +48,20 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "AccumulateGradientsState",
+    "DynamicLossScaleState",
     "ParameterEMAState",
     "ScaleByKerasAdamaxState",
     "ScaleByKerasLearningRateState",
+    "StaticLossScaleState",
     "__version__",
     "accumulate_gradients",
     "adamax",
     "decoupled_weight_decay",
+    "dynamic_loss_scale",
     "finalize_variable_values",
+    "get_iterations",
+    "get_learning_rate",
+    "get_loss_scale",
     "keras_clipnorm",
     "keras_clipvalue",
     "keras_global_clipnorm",

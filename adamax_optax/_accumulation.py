@@ -77,6 +77,7 @@ def accumulate_gradients(
     steps = gradient_accumulation_steps
 
     def init_fn(params: optax.Params) -> AccumulateGradientsState:
+        _common.check_float_params(params, "accumulate_gradients")
         return AccumulateGradientsState(
             mini_step=jnp.zeros([], jnp.int32),
             accumulator=_common.zeros_like_in(params, state_dtype),
@@ -89,6 +90,7 @@ def accumulate_gradients(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, AccumulateGradientsState]:
+        _common.check_updates_match(updates, state.accumulator, "accumulate_gradients")
         group_sum = jax.tree.map(
             lambda a, g: (
                 a.astype(_common.COMPUTE_DTYPE) + g.astype(_common.COMPUTE_DTYPE)

@@ -80,6 +80,7 @@ def scale_by_keras_adamax(
     _validation.check_state_dtype(state_dtype)
 
     def init_fn(params: optax.Params) -> ScaleByKerasAdamaxState:
+        _common.check_float_params(params, "scale_by_keras_adamax")
         return ScaleByKerasAdamaxState(
             count=jnp.zeros([], jnp.int32),
             m=_common.zeros_like_in(params, state_dtype),
@@ -92,6 +93,7 @@ def scale_by_keras_adamax(
         params: optax.Params | None = None,
     ) -> tuple[optax.Updates, ScaleByKerasAdamaxState]:
         del params
+        _common.check_updates_match(updates, state.m, "scale_by_keras_adamax")
         b1 = _common.as_compute_scalar(beta_1)
         b2 = _common.as_compute_scalar(beta_2)
         eps = _common.as_compute_scalar(epsilon)

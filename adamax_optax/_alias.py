@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
@@ -15,6 +19,12 @@ from adamax_optax._clipping import (
     keras_clipnorm,
     keras_clipvalue,
     keras_global_clipnorm,
+)
+from adamax_optax._dynamic_loss_scale import (
+    DYNAMIC_LOSS_SCALE_DEFAULTS,
+)
+from adamax_optax._dynamic_loss_scale import (
+    dynamic_loss_scale as wrap_dynamic_loss_scale,
 )
 from adamax_optax._ema import check_ema_overwrite_frequency, parameter_ema
 from adamax_optax._learning_rate import (
@@ -57,6 +67,7 @@ def adamax(
     *,
     exclude_from_weight_decay: ExcludeFromWeightDecay = None,
     state_dtype: DTypeLike | None = None,
+    dynamic_loss_scale: bool | Mapping[str, Any] = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keras' ``Adamax`` optimizer, every option included, as an optax transform.
 
@@ -107,6 +118,12 @@ def adamax(
         excluded), or a callable returning one.
       state_dtype: dtype of the moments, accumulator and EMA; ``None`` keeps
         each parameter's dtype (as Keras does).
+      dynamic_loss_scale: ``True``, or a dict of :func:`dynamic_loss_scale`
+        settings (``initial_scale``, ``growth_steps``, ``factor``,
+        ``min_loss_scale``), wraps the whole optimizer in dynamic loss scaling,
+        Keras' ``LossScaleOptimizer``: multiply the loss by
+        :func:`get_loss_scale` and pass the scaled gradients. Exclusive with
+        ``loss_scale_factor``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -137,6 +154,13 @@ def adamax(
     check_ema_overwrite_frequency(ema_overwrite_frequency)
     if gradient_accumulation_steps is not None:
         check_gradient_accumulation_steps(gradient_accumulation_steps)
+    scaling = _dynamic_loss_scale_settings(dynamic_loss_scale)
+    if scaling is not None and loss_scale_factor is not None:
+        raise ValueError(
+            "Set either `loss_scale_factor` or `dynamic_loss_scale`, not both. "
+            f"Received: loss_scale_factor={loss_scale_factor}, "
+            f"dynamic_loss_scale={dynamic_loss_scale}"
+        )
 
     update_chain = [
         *_clipping(clipnorm, clipvalue, global_clipnorm),
@@ -191,4 +215,27 @@ def adamax(
                 ),
             )
         )
-    return optax.named_chain(*chain)
+    optimizer = optax.named_chain(*chain)
+    if scaling is not None:
+        return wrap_dynamic_loss_scale(optimizer, **scaling)
+    return optimizer
+
+
+def _dynamic_loss_scale_settings(
+    dynamic_loss_scale: bool | Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """``None`` when off, else the full settings with defaults filled in."""
+    if isinstance(dynamic_loss_scale, bool | np.bool_):
+        return dict(DYNAMIC_LOSS_SCALE_DEFAULTS) if dynamic_loss_scale else None
+    if not isinstance(dynamic_loss_scale, Mapping):
+        raise TypeError(
+            "`dynamic_loss_scale` must be a bool or a dict of settings. "
+            f"Received: dynamic_loss_scale={dynamic_loss_scale!r}"
+        )
+    unknown = set(dynamic_loss_scale) - set(DYNAMIC_LOSS_SCALE_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"Unknown `dynamic_loss_scale` settings {sorted(unknown)}; the "
+            f"settings are {sorted(DYNAMIC_LOSS_SCALE_DEFAULTS)}."
+        )
+    return {**DYNAMIC_LOSS_SCALE_DEFAULTS, **dynamic_loss_scale}

@@ -75,6 +75,57 @@ def key_path_name(path: Sequence[Any]) -> str:
     return "/".join(names)
 
 
+def find_states(tree: Any, kinds: type | tuple[type, ...]) -> list[Any]:
+    """Every node of ``tree`` that is an instance of ``kinds``, outermost first.
+
+    A match is not searched further, so a state nested in a matching state is
+    not reported twice.
+    """
+    return [
+        node
+        for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kinds))
+        if isinstance(node, kinds)
+    ]
+
+
+def check_float_params(params: Any, transform_name: str) -> None:
+    """Parameters must be floating point: an optimizer cannot step integers."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"`{transform_name}` can only update floating-point parameters; "
+                f"leaf {key_path_name(path)!r} has dtype {dtype}."
+            )
+
+
+def check_updates_match(updates: Any, reference: Any, transform_name: str) -> None:
+    """Gradients must have the parameters' structure and shapes, and be floats.
+
+    Runs at trace time on static information, so a mismatch is a clear error
+    even inside ``jit``, not a failure deep in a tree map.
+    """
+    if jax.tree.structure(updates) != jax.tree.structure(reference):
+        raise ValueError(
+            f"`{transform_name}` got gradients whose tree structure does not "
+            f"match the parameters'.\n  gradients:  {jax.tree.structure(updates)}"
+            f"\n  parameters: {jax.tree.structure(reference)}"
+        )
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    for (path, g), r in zip(flat, jax.tree.leaves(reference), strict=True):
+        name = key_path_name(path)
+        if jnp.shape(g) != jnp.shape(r):
+            raise ValueError(
+                f"`{transform_name}`: gradient {name!r} has shape {jnp.shape(g)} "
+                f"but the parameter has shape {jnp.shape(r)}."
+            )
+        if not jnp.issubdtype(jnp.result_type(g), jnp.floating):
+            raise TypeError(
+                f"`{transform_name}`: gradient {name!r} has dtype "
+                f"{jnp.result_type(g)}; gradients must be floating point."
+            )
+
+
 def require_params(params: Any, transform_name: str) -> None:
     """Raises a clear error when a transformation that reads params gets none."""
     if params is None:

@@ -153,13 +153,7 @@ def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) ->
       >>> bool(jnp.all(finalize_variable_values(params, state) == params))
       True
     """
-    found = [
-        leaf
-        for leaf in jax.tree.leaves(
-            opt_state, is_leaf=lambda x: isinstance(x, ParameterEMAState)
-        )
-        if isinstance(leaf, ParameterEMAState)
-    ]
+    found = _common.find_states(opt_state, ParameterEMAState)
     if not found:
         return params
     if len(found) > 1:

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
 from adamax_optax import _common, _validation
+
+
+class StaticLossScaleState(NamedTuple):
+    """State of :func:`unscale_gradients`.
+
+    Attributes:
+      loss_scale: the factor to multiply the loss by (float32), so that
+        :func:`get_loss_scale` reads it like a dynamic one.
+    """
+
+    loss_scale: jax.Array
 
 
 def unscale_gradients(loss_scale_factor: ArrayLike) -> optax.GradientTransformation:
@@ -20,7 +34,7 @@ def unscale_gradients(loss_scale_factor: ArrayLike) -> optax.GradientTransformat
       loss_scale_factor: the factor the loss was multiplied by, > 0.
 
     Returns:
-      A stateless ``optax.GradientTransformation``.
+      An ``optax.GradientTransformation`` whose state records the factor.
 
     Example:
       >>> import jax.numpy as jnp
@@ -32,17 +46,25 @@ def unscale_gradients(loss_scale_factor: ArrayLike) -> optax.GradientTransformat
     """
     _validation.check_positive("loss_scale_factor", loss_scale_factor)
 
+    def current_state() -> StaticLossScaleState:
+        scale = jnp.asarray(loss_scale_factor).astype(_common.COMPUTE_DTYPE)
+        return StaticLossScaleState(loss_scale=scale)
+
+    def init_fn(params: optax.Params) -> StaticLossScaleState:
+        del params
+        return current_state()
+
     def update_fn(
         updates: optax.Updates,
-        state: optax.EmptyState,
+        state: StaticLossScaleState,
         params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, optax.EmptyState]:
-        del params
+    ) -> tuple[optax.Updates, StaticLossScaleState]:
+        del params, state
         scale = _common.as_compute_scalar(loss_scale_factor)
         updates = jax.tree.map(
             lambda g: (g.astype(_common.COMPUTE_DTYPE) / scale).astype(g.dtype),
             updates,
         )
-        return updates, state
+        return updates, current_state()
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,156 @@
+"""Dynamic loss scaling: the functional twin of Keras' ``LossScaleOptimizer``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamax_optax import _common, _validation
+
+
+class DynamicLossScaleState(NamedTuple):
+    """State of :func:`dynamic_loss_scale`.
+
+    Attributes:
+      loss_scale: the factor to multiply the next loss by (float32).
+      good_steps: consecutive finite steps since the scale last changed (int32).
+      inner_state: the wrapped transformation's state; a non-finite step leaves
+        it bit-identical.
+    """
+
+    loss_scale: jax.Array
+    good_steps: jax.Array
+    inner_state: optax.OptState
+
+
+DYNAMIC_LOSS_SCALE_DEFAULTS = {
+    "initial_scale": 2.0**15,
+    "growth_steps": 2000,
+    "factor": 2.0,
+    "min_loss_scale": 1.0,
+}
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """``True`` when every element of every leaf is finite."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+
+
+def check_dynamic_loss_scale_settings(
+    initial_scale: Any, growth_steps: Any, factor: Any, min_loss_scale: Any
+) -> None:
+    """Validates the four settings, naming the one that is wrong."""
+    _validation.check_positive("initial_scale", initial_scale)
+    _validation.check_integer_at_least(
+        "growth_steps", growth_steps, 1, "`growth_steps` must be an integer >= 1."
+    )
+    _validation.check_positive("factor", factor)
+    _validation.check_positive("min_loss_scale", min_loss_scale)
+    values = [_validation.concrete_scalar(v) for v in (factor, initial_scale)]
+    if values[0] is not None and values[0] <= 1:
+        raise ValueError(f"`factor` must be > 1. Received: factor={factor}")
+    floor = _validation.concrete_scalar(min_loss_scale)
+    if values[1] is not None and floor is not None and values[1] < floor:
+        raise ValueError(
+            "`initial_scale` must be >= `min_loss_scale`. Received: "
+            f"initial_scale={initial_scale}, min_loss_scale={min_loss_scale}"
+        )
+
+
+def dynamic_loss_scale(
+    inner: optax.GradientTransformation,
+    *,
+    initial_scale: float = 2.0**15,
+    growth_steps: int = 2000,
+    factor: float = 2.0,
+    min_loss_scale: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Wraps ``inner`` with dynamic loss scaling, as Keras' ``LossScaleOptimizer``.
+
+    Multiply the loss by ``get_loss_scale(state)`` before differentiating and
+    pass the *scaled* gradients to ``update``. Then, with ``s`` the current scale:
+
+    * all gradients finite: ``inner`` runs on ``g / s``; after ``growth_steps``
+      finite steps in a row the scale becomes ``s * factor`` (unless that would
+      overflow);
+    * any gradient non-finite: the step is skipped entirely (zero updates; the
+      inner state, accumulator, moments and EMA stay bit-identical) and the
+      scale becomes ``max(s / factor, min_loss_scale)``.
+
+    Keras has no floor (``min_loss_scale``); jmp does. The defaults are Keras'.
+
+    Args:
+      inner: the transformation to protect.
+      initial_scale: the first loss scale, > 0.
+      growth_steps: finite steps in a row before growing, >= 1.
+      factor: growth and back-off factor, > 1.
+      min_loss_scale: the scale never goes below this, > 0.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from adamax_optax import dynamic_loss_scale, get_loss_scale
+      >>> tx = dynamic_loss_scale(optax.sgd(0.1), initial_scale=1024.0)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> updates, state = tx.update(jnp.array([jnp.inf, 1.0]), state)
+      >>> updates, float(get_loss_scale(state))
+      (Array([0., 0.], dtype=float32), 512.0)
+      >>> updates, state = tx.update(jnp.array([512.0, -512.0]), state)
+      >>> updates
+      Array([-0.1,  0.1], dtype=float32)
+    """
+    check_dynamic_loss_scale_settings(
+        initial_scale, growth_steps, factor, min_loss_scale
+    )
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: optax.Params) -> DynamicLossScaleState:
+        return DynamicLossScaleState(
+            loss_scale=jnp.asarray(initial_scale, _common.COMPUTE_DTYPE),
+            good_steps=jnp.zeros([], jnp.int32),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: DynamicLossScaleState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, DynamicLossScaleState]:
+        finite = all_finite(updates)
+        scale = state.loss_scale
+
+        def apply_inner() -> tuple[optax.Updates, optax.OptState]:
+            unscaled = jax.tree.map(
+                lambda g: (g.astype(_common.COMPUTE_DTYPE) / scale).astype(g.dtype),
+                updates,
+            )
+            return inner.update(unscaled, state.inner_state, params, **extra_args)
+
+        def skip() -> tuple[optax.Updates, optax.OptState]:
+            return jax.tree.map(jnp.zeros_like, updates), state.inner_state
+
+        new_updates, inner_state = jax.lax.cond(finite, apply_inner, skip)
+
+        f = _common.as_compute_scalar(factor)
+        grown = scale * f
+        grow = (state.good_steps + 1 >= growth_steps) & jnp.isfinite(grown)
+        finite_scale = jnp.where(grow, grown, scale)
+        finite_good_steps = jnp.where(grow, 0, state.good_steps + 1)
+        backed_off = jnp.maximum(scale / f, _common.as_compute_scalar(min_loss_scale))
+        new_state = DynamicLossScaleState(
+            loss_scale=jnp.where(finite, finite_scale, backed_off).astype(scale.dtype),
+            good_steps=jnp.where(finite, finite_good_steps, 0).astype(jnp.int32),
+            inner_state=inner_state,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

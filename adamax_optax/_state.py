@@ -1,0 +1,103 @@
+"""Reading an optimizer state: Keras' ``iterations``, ``learning_rate`` and friends.
+
+Each accessor finds its piece by type anywhere inside the state, so it works on the
+state of :func:`adamax`, on one nested in ``optax.chain``, ``optax.named_chain`` or
+``optax.inject_hyperparams``, and on a Flax ``TrainState`` (all pytrees).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamax_optax._adamax import ScaleByKerasAdamaxState
+from adamax_optax._common import find_states
+from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
+from adamax_optax._learning_rate import ScaleByKerasLearningRateState
+from adamax_optax._loss_scale import StaticLossScaleState
+
+State = TypeVar("State")
+
+
+def find_one(tree: Any, kind: type[State], accessor: str) -> State:
+    """The single ``kind`` node inside ``tree``, or a clear error."""
+    found = find_states(tree, kind)
+    if len(found) != 1:
+        raise ValueError(
+            f"`{accessor}` needs an optimizer state holding exactly one "
+            f"{kind.__name__}; this one holds {len(found)}."
+        )
+    return found[0]
+
+
+def get_iterations(opt_state: optax.OptState) -> jax.Array:
+    """The number of updates applied so far, as Keras' ``optimizer.iterations``.
+
+    Micro-steps of gradient accumulation and steps skipped by dynamic loss
+    scaling do not count (Keras' ``iterations`` is also the number of real
+    updates under accumulation).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import adamax, get_iterations
+      >>> tx = adamax(gradient_accumulation_steps=2)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for _ in range(5):
+      ...     _, state = tx.update(jnp.ones(1), state)
+      >>> int(get_iterations(state))
+      2
+    """
+    return find_one(opt_state, ScaleByKerasAdamaxState, "get_iterations").count
+
+
+def get_learning_rate(opt_state: optax.OptState) -> jax.Array:
+    """The learning rate the next update will use (float32).
+
+    For a schedule this is its value at the next update's step; under
+    ``optax.inject_hyperparams`` it is the injected ``learning_rate``
+    hyperparameter, which is what the next update uses.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from adamax_optax import adamax, get_learning_rate
+      >>> tx = adamax(optax.linear_schedule(1.0, 0.0, 10))
+      >>> state = tx.init(jnp.zeros(1))
+      >>> _, state = tx.update(jnp.ones(1), state)
+      >>> round(float(get_learning_rate(state)), 6)
+      0.9
+    """
+    for injected in find_states(opt_state, optax.InjectStatefulHyperparamsState):
+        if "learning_rate" in injected.hyperparams:
+            return jnp.asarray(injected.hyperparams["learning_rate"], jnp.float32)
+    found = find_one(opt_state, ScaleByKerasLearningRateState, "get_learning_rate")
+    return found.learning_rate
+
+
+def get_loss_scale(opt_state: optax.OptState) -> jax.Array:
+    """The factor to multiply the next loss by (float32); 1 without loss scaling.
+
+    Reads a dynamic loss scale if there is one, else the static
+    ``loss_scale_factor``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import adamax, get_loss_scale
+      >>> float(get_loss_scale(adamax(dynamic_loss_scale=True).init(jnp.zeros(1))))
+      32768.0
+      >>> float(get_loss_scale(adamax(loss_scale_factor=8.0).init(jnp.zeros(1))))
+      8.0
+      >>> float(get_loss_scale(adamax().init(jnp.zeros(1))))
+      1.0
+    """
+    found = find_states(opt_state, DynamicLossScaleState) + find_states(
+        opt_state, StaticLossScaleState
+    )
+    if len(found) > 1:
+        raise ValueError(
+            f"`get_loss_scale` found {len(found)} loss scales in the optimizer "
+            "state; it needs at most one."
+        )
+    return found[0].loss_scale if found else jnp.ones([], jnp.float32)
