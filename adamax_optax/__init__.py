@@ -21,6 +21,9 @@ from adamax_optax._alias import adamax as adamax
 from adamax_optax._clipping import keras_clipnorm as keras_clipnorm
 from adamax_optax._clipping import keras_clipvalue as keras_clipvalue
 from adamax_optax._clipping import keras_global_clipnorm as keras_global_clipnorm
+from adamax_optax._config import from_config as from_config
+from adamax_optax._config import from_keras_config as from_keras_config
+from adamax_optax._config import get_config as get_config
 from adamax_optax._dynamic_loss_scale import (
     DynamicLossScaleState as DynamicLossScaleState,
 )
@@ -59,6 +62,9 @@ __all__ = [
     "decoupled_weight_decay",
     "dynamic_loss_scale",
     "finalize_variable_values",
+    "from_config",
+    "from_keras_config",
+    "get_config",
     "get_iterations",
     "get_learning_rate",
     "get_loss_scale",

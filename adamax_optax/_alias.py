@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -147,6 +148,7 @@ def adamax(
       >>> bool(loss(params) < 1e-2), int(state["adamax"].count)
       (True, 100)
     """
+    arguments = dict(locals())
     check_learning_rate(learning_rate)
     _validation.check_only_one_clip(clipnorm, clipvalue, global_clipnorm)
     _validation.check_bool("use_ema", use_ema)
@@ -217,8 +219,30 @@ def adamax(
         )
     optimizer = optax.named_chain(*chain)
     if scaling is not None:
-        return wrap_dynamic_loss_scale(optimizer, **scaling)
+        optimizer = wrap_dynamic_loss_scale(optimizer, **scaling)
+    _ARGUMENTS[optimizer.init] = arguments
     return optimizer
+
+
+_ARGUMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The arguments each optimizer built by :func:`adamax` was built with."""
+
+
+def arguments_of(optimizer: optax.GradientTransformation) -> dict[str, Any]:
+    """The keyword arguments :func:`adamax` received for ``optimizer``.
+
+    Raises:
+      ValueError: if ``optimizer`` was not built by :func:`adamax`.
+    """
+    try:
+        return dict(_ARGUMENTS[optimizer.init])
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(
+            "`get_config` needs an optimizer built by `adamax_optax.adamax(...)`; "
+            f"received {type(optimizer).__name__}. (An optimizer wrapped by "
+            "`optax.inject_hyperparams` or `optax.chain` has no config of its "
+            "own: keep the arguments you built it with.)"
+        ) from None
 
 
 def _dynamic_loss_scale_settings(
