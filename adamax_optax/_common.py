@@ -33,9 +33,13 @@ def state_dtype_of(leaf: ArrayLike, state_dtype: DTypeLike | None) -> np.dtype:
 
 
 def zeros_like_in(tree: Any, state_dtype: DTypeLike | None) -> Any:
-    """Zeros shaped like ``tree``, in ``state_dtype`` (default: each leaf's dtype)."""
+    """Zeros like ``tree`` in ``state_dtype`` (default: each leaf's dtype).
+
+    ``zeros_like`` keeps each leaf's sharding, so the state of sharded
+    parameters is sharded the same way.
+    """
     return jax.tree.map(
-        lambda x: jnp.zeros(jnp.shape(x), state_dtype_of(x, state_dtype)), tree
+        lambda x: jnp.zeros_like(x, dtype=state_dtype_of(x, state_dtype)), tree
     )
 
 
