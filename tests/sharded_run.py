@@ -8,98 +8,102 @@ true global norm, and the results agree within float32 rounding.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-assert jax.device_count() == 8, jax.devices()
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from adamax_optax import adamax, finalize_variable_values  # noqa: E402
-
-mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-specs = {"kernel": P("data", "model"), "bias": P("model"), "scale": P()}
-rng = np.random.default_rng(0)
-params = {
-    "kernel": rng.normal(size=(16, 8)).astype(np.float32),
-    "bias": rng.normal(size=(8,)).astype(np.float32),
-    "scale": rng.normal(size=(3,)).astype(np.float32),
-}
-grads = [
-    {k: (10 * rng.normal(size=v.shape)).astype(np.float32) for k, v in params.items()}
-    for _ in range(12)
-]
-tx = adamax(
-    0.05,
-    weight_decay=0.01,
-    global_clipnorm=1.0,
-    use_ema=True,
-    gradient_accumulation_steps=2,
-    dynamic_loss_scale={"initial_scale": 4.0},
-)
+from adamax_optax import adamax, finalize_variable_values
 
 
-def train(params, grads, shard):
-    put = (
-        (
-            lambda tree: {
-                k: jax.device_put(v, NamedSharding(mesh, specs[k]))
-                for k, v in tree.items()
-            }
+def main() -> None:
+    assert jax.device_count() == 8, jax.devices()
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    specs = {"kernel": P("data", "model"), "bias": P("model"), "scale": P()}
+    rng = np.random.default_rng(0)
+    params = {
+        "kernel": rng.normal(size=(16, 8)).astype(np.float32),
+        "bias": rng.normal(size=(8,)).astype(np.float32),
+        "scale": rng.normal(size=(3,)).astype(np.float32),
+    }
+    grads = [
+        {
+            k: (10 * rng.normal(size=v.shape)).astype(np.float32)
+            for k, v in params.items()
+        }
+        for _ in range(12)
+    ]
+    tx = adamax(
+        0.05,
+        weight_decay=0.01,
+        global_clipnorm=1.0,
+        use_ema=True,
+        gradient_accumulation_steps=2,
+        dynamic_loss_scale={"initial_scale": 4.0},
+    )
+
+    def on_mesh(tree):
+        return {
+            k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()
+        }
+
+    def on_one_device(tree):
+        return {k: jnp.asarray(v) for k, v in tree.items()}
+
+    def train(params, grads, shard):
+        put = on_mesh if shard else on_one_device
+        params = put(params)
+        state = tx.init(params)
+
+        @jax.jit
+        def step(params, state, g):
+            updates, state = tx.update(g, state, params)
+            return optax.apply_updates(params, updates), state
+
+        for g in grads:
+            params, state = step(params, state, put(g))
+        return params, state
+
+    single, single_state = train(params, grads, shard=False)
+    sharded, sharded_state = train(params, grads, shard=True)
+
+    # The state takes the parameters' sharding.
+    inner = sharded_state.inner_state["accumulate"].inner_state
+    for key, spec in specs.items():
+        for tree in (
+            inner["adamax"].m,
+            inner["adamax"].u,
+            inner["ema"].ema,
+            sharded_state.inner_state["accumulate"].accumulator,
+        ):
+            assert tree[key].sharding.is_equivalent_to(
+                NamedSharding(mesh, spec), tree[key].ndim
+            ), (key, tree[key].sharding)
+        assert sharded[key].sharding.is_equivalent_to(
+            NamedSharding(mesh, spec), sharded[key].ndim
         )
-        if shard
-        else (lambda tree: {k: jnp.asarray(v) for k, v in tree.items()})
-    )
-    params = put(params)
-    state = tx.init(params)
 
-    @jax.jit
-    def step(params, state, g):
-        updates, state = tx.update(g, state, params)
-        return optax.apply_updates(params, updates), state
+    # Global clipping used the true global norm: the clipped gradient's norm is 1.
+    clip = adamax(1.0, beta_1=0.0, epsilon=0.0, global_clipnorm=1.0)
+    p0 = on_mesh(params)
+    clipped = jax.jit(clip.update)(on_mesh(grads[0]), clip.init(p0), p0)
+    clipped = clipped[1]["adamax"].m
+    norm = np.sqrt(sum(float(jnp.sum(jnp.square(v))) for v in clipped.values()))
+    assert abs(norm - 1.0) < 1e-5, norm
 
-    for g in grads:
-        params, state = step(params, state, put(g))
-    return params, state
+    for key in params:
+        for a, b in (
+            (single[key], sharded[key]),
+            (
+                finalize_variable_values(single, single_state)[key],
+                finalize_variable_values(sharded, sharded_state)[key],
+            ),
+        ):
+            a, b = np.asarray(a), np.asarray(b)
+            assert np.max(np.abs(a - b)) <= 1e-6 * (1 + np.max(np.abs(a))), key
+    print("SHARDED OK")
 
 
-single, single_state = train(params, grads, shard=False)
-sharded, sharded_state = train(params, grads, shard=True)
-
-# The state takes the parameters' sharding.
-inner = sharded_state.inner_state["accumulate"].inner_state
-for key, spec in specs.items():
-    for tree in (
-        inner["adamax"].m,
-        inner["adamax"].u,
-        inner["ema"].ema,
-        sharded_state.inner_state["accumulate"].accumulator,
-    ):
-        assert tree[key].sharding.is_equivalent_to(
-            NamedSharding(mesh, spec), tree[key].ndim
-        ), (key, tree[key].sharding)
-    assert sharded[key].sharding.is_equivalent_to(
-        NamedSharding(mesh, spec), sharded[key].ndim
-    )
-
-# Global clipping used the true global norm: the clipped gradient's norm is 1.
-clip = adamax(1.0, beta_1=0.0, epsilon=0.0, global_clipnorm=1.0)
-g = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in grads[0].items()}
-p0 = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
-clipped = jax.jit(clip.update)(g, clip.init(p0), p0)[1]["adamax"].m
-norm = np.sqrt(sum(float(jnp.sum(jnp.square(v))) for v in clipped.values()))
-assert abs(norm - 1.0) < 1e-5, norm
-
-for key in params:
-    for a, b in (
-        (single[key], sharded[key]),
-        (
-            finalize_variable_values(single, single_state)[key],
-            finalize_variable_values(sharded, sharded_state)[key],
-        ),
-    ):
-        a, b = np.asarray(a), np.asarray(b)
-        assert np.max(np.abs(a - b)) <= 1e-6 * (1 + np.max(np.abs(a))), key
-print("SHARDED OK")
+if __name__ == "__main__":
+    main()
