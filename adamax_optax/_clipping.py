@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -10,7 +12,11 @@ from jax.typing import ArrayLike
 from adamax_optax import _common, _validation
 
 
-def _stateless(update: callable) -> optax.GradientTransformation:
+def _stateless(
+    update: Callable[[optax.Updates], optax.Updates],
+) -> optax.GradientTransformation:
+    """A transformation with no state that maps updates through ``update``."""
+
     def update_fn(updates, state, params=None):
         del params
         return update(updates), state
@@ -18,7 +24,8 @@ def _stateless(update: callable) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _in_compute_dtype(fn: callable, g: jax.Array) -> jax.Array:
+def _in_compute_dtype(fn: Callable[[jax.Array], jax.Array], g: jax.Array) -> jax.Array:
+    """Applies ``fn`` in float32 and returns the result in ``g``'s dtype."""
     return fn(g.astype(_common.COMPUTE_DTYPE)).astype(g.dtype)
 
 
