@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from adamax_optax import _common, _validation
+from adamax_optax._loss_scale import divide_by_scale
 
 
 class DynamicLossScaleState(NamedTuple):
@@ -52,11 +53,12 @@ def check_dynamic_loss_scale_settings(
     )
     _validation.check_positive("factor", factor)
     _validation.check_positive("min_loss_scale", min_loss_scale)
-    values = [_validation.concrete_scalar(v) for v in (factor, initial_scale)]
-    if values[0] is not None and values[0] <= 1:
+    growth = _validation.concrete_scalar(factor)
+    if growth is not None and growth <= 1:
         raise ValueError(f"`factor` must be > 1. Received: factor={factor}")
+    start = _validation.concrete_scalar(initial_scale)
     floor = _validation.concrete_scalar(min_loss_scale)
-    if values[1] is not None and floor is not None and values[1] < floor:
+    if start is not None and floor is not None and start < floor:
         raise ValueError(
             "`initial_scale` must be >= `min_loss_scale`. Received: "
             f"initial_scale={initial_scale}, min_loss_scale={min_loss_scale}"
@@ -129,10 +131,7 @@ def dynamic_loss_scale(
         scale = state.loss_scale
 
         def apply_inner() -> tuple[optax.Updates, optax.OptState]:
-            unscaled = jax.tree.map(
-                lambda g: (g.astype(_common.COMPUTE_DTYPE) / scale).astype(g.dtype),
-                updates,
-            )
+            unscaled = divide_by_scale(updates, scale)
             return inner.update(unscaled, state.inner_state, params, **extra_args)
 
         def skip() -> tuple[optax.Updates, optax.OptState]:

@@ -23,6 +23,13 @@ class StaticLossScaleState(NamedTuple):
     loss_scale: jax.Array
 
 
+def divide_by_scale(grads: optax.Updates, scale: ArrayLike) -> optax.Updates:
+    """``g / scale`` for every leaf, computed in float32, kept in ``g``'s dtype."""
+    return jax.tree.map(
+        lambda g: (g.astype(_common.COMPUTE_DTYPE) / scale).astype(g.dtype), grads
+    )
+
+
 def unscale_gradients(loss_scale_factor: ArrayLike) -> optax.GradientTransformation:
     r"""Divides gradients by a fixed loss scale (Keras' ``loss_scale_factor``).
 
@@ -61,10 +68,6 @@ def unscale_gradients(loss_scale_factor: ArrayLike) -> optax.GradientTransformat
     ) -> tuple[optax.Updates, StaticLossScaleState]:
         del params, state
         scale = _common.as_compute_scalar(loss_scale_factor)
-        updates = jax.tree.map(
-            lambda g: (g.astype(_common.COMPUTE_DTYPE) / scale).astype(g.dtype),
-            updates,
-        )
-        return updates, current_state()
+        return divide_by_scale(updates, scale), current_state()
 
     return optax.GradientTransformation(init_fn, update_fn)
