@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,14 +80,35 @@ def key_path_name(path: Sequence[Any]) -> str:
     return "/".join(names)
 
 
+def unwrap_variables(tree: Any) -> Any:
+    """Replaces every Flax NNX ``Variable`` in ``tree`` by the array it holds.
+
+    ``nnx.Optimizer`` keeps its optax state as ``OptVariable``s and ``nnx.state``
+    returns ``Param``s; the accessors read through both. Flax is not imported
+    here: without it loaded, no tree can hold a ``Variable``.
+    """
+    nnx = getattr(sys.modules.get("flax"), "nnx", None)
+    variable = getattr(nnx, "Variable", None)
+    if variable is None:
+        return tree
+
+    def unwrap(leaf: Any) -> Any:
+        if not isinstance(leaf, variable):
+            return leaf
+        get_value = getattr(leaf, "get_value", None)  # flax >= 0.12
+        return get_value() if get_value is not None else leaf.value
+
+    return jax.tree.map(unwrap, tree, is_leaf=lambda x: isinstance(x, variable))
+
+
 def find_states(tree: Any, kinds: type | tuple[type, ...]) -> list[Any]:
     """Every node of ``tree`` that is an instance of ``kinds``, outermost first.
 
     A match is not searched further, so a state nested in a matching state is
-    not reported twice.
+    not reported twice. Flax NNX variables inside a match are unwrapped.
     """
     return [
-        node
+        unwrap_variables(node)
         for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kinds))
         if isinstance(node, kinds)
     ]

@@ -130,7 +130,10 @@ def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) ->
     parameters' dtypes; with EMA off, returns ``params`` unchanged. ``opt_state``
     may be the state of :func:`adamax`, of any chain holding
     :func:`parameter_ema`, or anything containing one (an
-    ``optax.inject_hyperparams`` state, a Flax ``TrainState``).
+    ``optax.inject_hyperparams`` state, a Flax ``TrainState``, an
+    ``nnx.Optimizer``). Flax NNX ``Variable`` leaves are read through, so
+    ``nnx.update(model, finalize_variable_values(nnx.state(model, nnx.Param),
+    optimizer))`` loads the EMA into an NNX model.
 
     Args:
       params: the current parameters.
@@ -156,6 +159,7 @@ def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) ->
     found = _common.find_states(opt_state, ParameterEMAState)
     if not found:
         return params
+    params = _common.unwrap_variables(params)
     if len(found) > 1:
         raise ValueError(
             f"The optimizer state holds {len(found)} parameter EMAs; "

@@ -2,7 +2,8 @@
 
 Each accessor finds its piece by type anywhere inside the state, so it works on the
 state of :func:`adamax`, on one nested in ``optax.chain``, ``optax.named_chain`` or
-``optax.inject_hyperparams``, and on a Flax ``TrainState`` (all pytrees).
+``optax.inject_hyperparams``, on a Flax ``TrainState`` and on an ``nnx.Optimizer``
+(all pytrees; NNX variables are read through).
 """
 
 from __future__ import annotations
