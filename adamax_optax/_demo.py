@@ -37,8 +37,7 @@ def require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as error:  # pragma: no cover - depends on the extra
         raise SystemExit(
-            f"The demo needs {module.split('.')[0]}: "
-            'python -m pip install -e ".[demo]"'
+            f'The demo needs {module.split(".")[0]}: python -m pip install -e ".[demo]"'
         ) from error
 
 
@@ -75,7 +74,9 @@ class Digits:
         y = digits.target.astype(np.int32)
         order = np.random.default_rng(seed).permutation(len(x))
         split = int(0.8 * len(x))
-        return cls(x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]])
+        return cls(
+            x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]]
+        )
 
     def batches(self, batch_size: int, rng: np.random.Generator):
         """One epoch of shuffled training batches (the last partial one dropped)."""
@@ -183,9 +184,7 @@ def train(
     print(f"adamax_optax features: {', '.join(features) or 'none'}")
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    bar = tqdm(
-        total=total_batches, desc="training", unit="batch", disable=not progress
-    )
+    bar = tqdm(total=total_batches, desc="training", unit="batch", disable=not progress)
     for epoch in range(1, epochs + 1):
         losses: dict[str, list[jax.Array]] = {name: [] for name in states}
         for x, y in data.batches(batch_size, rng):
@@ -262,7 +261,9 @@ def draw(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:
         axis.grid(alpha=0.3)
         axis.legend()
     options = ", ".join(history["features"]) or "none"
-    figure.suptitle(f"Flax MLP on scikit-learn digits (adamax_optax options: {options})")
+    figure.suptitle(
+        f"Flax MLP on scikit-learn digits (adamax_optax options: {options})"
+    )
     figure.tight_layout()
     path = pathlib.Path(path)
     figure.savefig(path, dpi=120)

@@ -57,9 +57,9 @@ def test_parse_features():
 
 
 def test_command_line_runs_the_demo(tmp_path, capsys):
+    options = ["--features", "ema", "--no-compare", "--no-progress"]
     history = main(
-        ["demo", "--epochs", "1", "--features", "ema", "--no-compare"]
-        + ["--no-progress", "--plot", str(tmp_path / "out.png")]
+        ["demo", "--epochs", "1", *options, "--plot", str(tmp_path / "out.png")]
     )
     out = capsys.readouterr().out
     assert "features: ema" in out and "optax.adamax" not in out

@@ -62,13 +62,13 @@ class EMAReference:
         if self.average is None:
             self.average = leaves
         else:
-            m = self.momentum
-            self.average = [m * a + (1 - m) * w for a, w in zip(self.average, leaves)]
+            m, pairs = self.momentum, zip(self.average, leaves, strict=True)
+            self.average = [m * a + (1 - m) * w for a, w in pairs]
 
     def assert_matches(self, ema_params) -> None:
         ours = jax.tree.leaves(ema_params)
         assert len(ours) == len(self.average)
-        for got, want in zip(ours, self.average):
+        for got, want in zip(ours, self.average, strict=True):
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 
