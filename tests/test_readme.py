@@ -1,17 +1,37 @@
-"""Every Python block of the README runs, in order, in one namespace."""
+"""The README's code runs: Python blocks in one namespace, shell commands checked.
+
+Python blocks are executed in order. Each shell command is either run (the demo), or
+checked against what CI runs (tests, lint) and what the package provides (extras).
+"""
 
 from __future__ import annotations
 
 import pathlib
 import re
+import shlex
+import subprocess
+import sys
+from importlib.metadata import metadata
 
 import jax
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def shell_commands() -> list[str]:
+    """Every command of the README's bash blocks, comments dropped, ``&&`` split."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL):
+        for line in block.splitlines():
+            code = line.split("  #")[0].strip()
+            if code and not code.startswith("#"):
+                commands += [part.strip() for part in code.split("&&")]
+    return commands
 
 
 def test_readme_has_examples():
@@ -33,3 +53,30 @@ def test_readme_test_command_is_the_ci_command():
     ci = (README.parent / ".ci" / "run").read_text()
     command = "python -m pytest -q --doctest-modules adamax_optax tests"
     assert command in README.read_text() and command in ci
+
+
+@pytest.mark.parametrize("command", sorted(set(shell_commands())))
+def test_readme_shell_command(command, tmp_path):
+    words = shlex.split(command)
+    ci = (README.parent / ".ci" / "run").read_text()
+    if words[:4] == ["python", "-m", "pip", "install"]:
+        extras = re.findall(r"\[(.*)\]", words[-1])
+        provided = set(metadata("adamax_optax").get_all("Provides-Extra") or [])
+        assert words[-2:] == ["-e", words[-1]] and words[-1].startswith(".")
+        assert set(",".join(extras).split(",")) - {""} <= provided, command
+    elif words[:3] == ["python", "-m", "adamax_optax"]:
+        # The main job, exactly as written, in a scratch directory.
+        done = subprocess.run(
+            [sys.executable, *words[1:]],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "final test accuracy" in done.stdout
+        assert (tmp_path / "adamax_demo.png").stat().st_size > 10_000
+    elif words[0] in ("ruff", "python") and command in ci:
+        pass  # run by .ci/run itself (lint, and the test command above)
+    else:
+        pytest.fail(f"README command not covered by the tests: {command}")
