@@ -81,8 +81,10 @@ def parameter_ema(
     _validation.check_state_dtype(state_dtype)
 
     def init_fn(params: optax.Params) -> ParameterEMAState:
+        # A copy, never the parameters' own buffer: a training step that donates
+        # both the parameters and the state must not donate one buffer twice.
         ema = jax.tree.map(
-            lambda p: jnp.asarray(p).astype(_common.state_dtype_of(p, state_dtype)),
+            lambda p: jnp.array(p, dtype=_common.state_dtype_of(p, state_dtype)),
             params,
         )
         return ParameterEMAState(count=jnp.zeros([], jnp.int32), ema=ema)

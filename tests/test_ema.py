@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -81,3 +84,20 @@ def test_ema_in_float32_for_bf16_params():
     updates, state = tx.update(jnp.zeros(4, jnp.bfloat16), state, params)
     assert updates.dtype == jnp.bfloat16
     assert finalize_variable_values(params, state).dtype == jnp.bfloat16
+
+
+def test_ema_state_never_shares_the_parameters_buffer():
+    """A step donating params and state must not donate one buffer twice."""
+    tx = adamax(0.1, use_ema=True)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    ema = state["ema"].ema["w"]
+    assert ema.unsafe_buffer_pointer() != params["w"].unsafe_buffer_pointer()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state):
+        updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = step(params, state)  # raised "donate the same buffer twice"
+    assert float(params["w"][0]) < 1.0
