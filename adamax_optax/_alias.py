@@ -28,6 +28,7 @@ from adamax_optax._dynamic_loss_scale import (
     dynamic_loss_scale as wrap_dynamic_loss_scale,
 )
 from adamax_optax._ema import check_ema_overwrite_frequency, parameter_ema
+from adamax_optax._fast import AccumulationPlan, register_accumulation_plan
 from adamax_optax._learning_rate import (
     LearningRate,
     check_learning_rate,
@@ -202,24 +203,28 @@ def adamax(
         )
 
     chain = []
+    loss_scale = None
     if loss_scale_factor is not None:
-        chain.append(("loss_scale", unscale_gradients(loss_scale_factor)))
+        loss_scale = unscale_gradients(loss_scale_factor)
+        chain.append(("loss_scale", loss_scale))
     if gradient_accumulation_steps is None:
         chain.extend(update_chain)
     else:
+        inner = optax.with_extra_args_support(optax.named_chain(*update_chain))
         chain.append(
             (
                 "accumulate",
                 accumulate_gradients(
-                    optax.named_chain(*update_chain),
-                    gradient_accumulation_steps,
-                    state_dtype=state_dtype,
+                    inner, gradient_accumulation_steps, state_dtype=state_dtype
                 ),
             )
         )
     optimizer = optax.named_chain(*chain)
     if scaling is not None:
         optimizer = wrap_dynamic_loss_scale(optimizer, **scaling)
+    elif gradient_accumulation_steps is not None:
+        plan = AccumulationPlan(inner, gradient_accumulation_steps, loss_scale)
+        register_accumulation_plan(optimizer, plan)
     _ARGUMENTS[optimizer.init] = arguments
     return optimizer
 

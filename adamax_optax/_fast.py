@@ -1,0 +1,159 @@
+"""``jit_apply``: the jit-compiled, buffer-donating training-step update.
+
+An optimizer update is memory-bound (SPEC section 6). Without donated buffers XLA
+allocates fresh outputs every step and runs several times slower; with them the
+parameters and the state are updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamax_optax import _common
+from adamax_optax._accumulation import AccumulateGradientsState
+
+Apply = Callable[[optax.Params, optax.OptState, optax.Updates], tuple[Any, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class AccumulationPlan:
+    """How :func:`adamax` chained its accumulation, for the fast micro-step.
+
+    Attributes:
+      inner: the update chain applied once per group (clip, Adamax, decay, rate, EMA).
+      steps: ``gradient_accumulation_steps``.
+      loss_scale: the static unscaling transform in front, if any.
+    """
+
+    inner: optax.GradientTransformationExtraArgs
+    steps: int
+    loss_scale: optax.GradientTransformation | None
+
+    def apply(
+        self, params: optax.Params, opt_state: Any, grads: optax.Updates
+    ) -> tuple[optax.Params, Any]:
+        """One call: a micro-step or the group's update, without ``lax.cond``.
+
+        Both paths are ``fori_loop``s with a trip count of 0 or 1. A while loop
+        updates its carried buffers in place, so the path not taken costs nothing
+        and the micro-step touches only the gradients and the accumulator; the
+        parameters are not rewritten. A ``lax.cond`` instead makes XLA copy every
+        buffer a branch passes through (see benchmarks/RESULTS.md).
+        """
+        state = opt_state.copy()
+        if self.loss_scale is not None:
+            grads, state["loss_scale"] = self.loss_scale.update(
+                grads, state["loss_scale"], params
+            )
+        accumulation: AccumulateGradientsState = state["accumulate"]
+        _common.check_updates_match(grads, accumulation.accumulator, "jit_apply")
+        steps = self.steps
+        is_update = (accumulation.mini_step == steps - 1).astype(jnp.int32)
+
+        def micro_step(_: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+            accumulator, grads = carry
+            added = jax.tree.map(
+                lambda a, g: (
+                    a.astype(_common.COMPUTE_DTYPE) + g.astype(_common.COMPUTE_DTYPE)
+                ).astype(a.dtype),
+                accumulator,
+                grads,
+            )
+            return added, grads
+
+        def update_step(_: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+            params, accumulator, grads, inner_state = carry
+            mean = jax.tree.map(
+                lambda a, g: (
+                    (a.astype(_common.COMPUTE_DTYPE) + g.astype(_common.COMPUTE_DTYPE))
+                    / _common.as_compute_scalar(steps)
+                ).astype(g.dtype),
+                accumulator,
+                grads,
+            )
+            updates, inner_state = self.inner.update(mean, inner_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, jax.tree.map(jnp.zeros_like, accumulator), grads, inner_state
+
+        accumulator, grads = jax.lax.fori_loop(
+            0, 1 - is_update, micro_step, (accumulation.accumulator, grads)
+        )
+        params, accumulator, _, inner_state = jax.lax.fori_loop(
+            0,
+            is_update,
+            update_step,
+            (params, accumulator, grads, accumulation.inner_state),
+        )
+        mini_step = jnp.where(is_update == 1, 0, accumulation.mini_step + 1)
+        state["accumulate"] = AccumulateGradientsState(
+            mini_step.astype(jnp.int32), accumulator, inner_state
+        )
+        return params, state
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The accumulation plan of each optimizer :func:`adamax` built with one."""
+
+
+def register_accumulation_plan(
+    optimizer: optax.GradientTransformation, plan: AccumulationPlan
+) -> None:
+    """Lets :func:`jit_apply` take the fast micro-step for ``optimizer``."""
+    _PLANS[optimizer.init] = plan
+
+
+def jit_apply(tx: optax.GradientTransformation) -> Apply:
+    r"""A jitted ``apply(params, opt_state, grads) -> (params, opt_state)``.
+
+    Computes ``updates, opt_state = tx.update(grads, opt_state, params)`` and
+    ``params = optax.apply_updates(params, updates)`` in one XLA program that
+    donates the parameter and state buffers, so both are updated in place. Do not
+    use the ``params`` and ``opt_state`` you passed in after the call: their buffers
+    now hold the results.
+
+    For an :func:`adamax` optimizer with ``gradient_accumulation_steps`` (and no
+    dynamic loss scaling) the micro-steps take a fast path: they read the
+    gradients and update the accumulator, and leave the parameters and the inner
+    state untouched. The results equal ``tx.update`` followed by
+    ``optax.apply_updates``; the state stays interchangeable with ``tx.update``.
+
+    Args:
+      tx: any optax transformation.
+
+    Returns:
+      The jitted, donating ``apply``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import adamax, jit_apply
+      >>> tx = adamax(0.1)
+      >>> apply = jit_apply(tx)
+      >>> params = {"w": jnp.array([1.0, -1.0])}
+      >>> opt_state = tx.init(params)
+      >>> params, opt_state = apply(params, opt_state, {"w": jnp.array([2.0, -3.0])})
+      >>> params["w"]
+      Array([ 0.9, -0.9], dtype=float32)
+    """
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(
+            "`jit_apply` needs an optax GradientTransformation; "
+            f"received {type(tx).__name__}."
+        )
+    plan = _PLANS.get(tx.init)
+
+    def apply(
+        params: optax.Params, opt_state: optax.OptState, grads: optax.Updates
+    ) -> tuple[optax.Params, optax.OptState]:
+        if plan is not None:
+            return plan.apply(params, opt_state, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(apply, donate_argnums=(0, 1))
