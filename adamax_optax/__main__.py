@@ -1,10 +1,10 @@
-"""Command line: ``python -m adamax_optax demo`` (see :mod:`adamax_optax._demo`)."""
+"""Command line: ``python -m adamax_optax demo`` and ``... bench``."""
 
 from __future__ import annotations
 
 import argparse
 
-from adamax_optax import _demo
+from adamax_optax import _bench, _demo
 
 
 def main(argv: list[str] | None = None) -> object:
@@ -17,8 +17,12 @@ def main(argv: list[str] | None = None) -> object:
         "demo", help="train a Flax MLP on scikit-learn digits, against optax.adamax"
     )
     _demo.add_arguments(demo)
+    bench = commands.add_parser(
+        "bench", help="time updates against the memory-bandwidth floor"
+    )
+    _bench.add_arguments(bench)
     args = parser.parse_args(argv)
-    return _demo.run(args)
+    return (_demo.run if args.command == "demo" else _bench.run)(args)
 
 
 if __name__ == "__main__":

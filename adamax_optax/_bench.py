@@ -1,0 +1,492 @@
+"""``python -m adamax_optax bench``: update time against the memory-bandwidth floor.
+
+SPEC section 6: an update is memory-bound, so its floor is the minimal traffic
+(``words`` per parameter, 4 bytes each in float32) over the bandwidth measured in
+this process by a buffer-donating elementwise scale. Every case is timed in this one
+process, buffers donated, and reported as median time, time over its floor, ratio to
+the peers, XLA's peak memory over parameters + state + gradients, and compile time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamax_optax._alias import adamax
+from adamax_optax._fast import jit_apply
+
+FULL_OPTIONS = dict(global_clipnorm=1.0, weight_decay=1e-3, use_ema=True)
+ACCUMULATION = 4
+
+
+@dataclasses.dataclass
+class Case:
+    """One timed configuration: its step function, state and floor words."""
+
+    name: str
+    words: int
+    step: Callable[..., Any]
+    state: Any
+    grads: Any
+    phase: Callable[[Any], int] | None = None  # micro-step index, for accumulation
+    wanted_phase: int | None = None
+    peer: str | None = None
+
+
+def make_tree(
+    total: int, leaves: int, dtype: Any, value: float
+) -> dict[str, jax.Array]:
+    """``leaves`` arrays holding ``total`` parameters together."""
+    size = total // leaves
+    return {f"w{i:04d}": jnp.full((size,), value, dtype) for i in range(leaves)}
+
+
+def measure_bandwidth(elements: int = 64 * 2**20, repeats: int = 15) -> float:
+    """Bytes per second of a donated float32 scale: read once, write once."""
+    scale = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
+    x = scale(jnp.ones((elements,), jnp.float32))
+    x.block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x = scale(x)
+        x.block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * 4 * elements / float(np.median(times))
+
+
+def donated(tx: optax.GradientTransformation) -> Callable[..., Any]:
+    """``update`` then ``apply_updates``, params and state donated (any optax tx)."""
+
+    def apply(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(apply, donate_argnums=(0, 1))
+
+
+def optax_full_option_chain() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """optax's nearest equivalent of clip + Adamax + decay + EMA, and its init."""
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.scale_by_adamax(),
+        optax.add_decayed_weights(1e-3),
+        optax.scale(-1e-3),
+    )
+
+    def init(params):
+        return tx.init(params), jax.tree.map(jnp.array, params)
+
+    def apply(params, state, grads):
+        inner, ema = state
+        updates, inner = tx.update(grads, inner, params)
+        params = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, ema, params)
+        return params, (inner, ema)
+
+    return init, jax.jit(apply, donate_argnums=(0, 1))
+
+
+def keras_step(params: dict[str, jax.Array]) -> tuple[Callable[..., Any], Any] | None:
+    """Keras 3 ``Adamax.stateless_apply`` under ``jax.jit``, donated; None without."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    try:
+        import keras
+    except ImportError:
+        return None
+    if keras.backend.backend() != "jax":
+        return None
+    names = sorted(params)
+    optimizer = keras.optimizers.Adamax()
+    variables = [keras.Variable(params[k]) for k in names]
+    optimizer.build(variables)
+    opt_vars = [v.value for v in optimizer.variables]
+
+    def apply(trainable, opt_vars, grads):
+        return optimizer.stateless_apply(opt_vars, grads, trainable)
+
+    step = jax.jit(apply, donate_argnums=(0, 1))
+
+    def run(params, state, grads):
+        trainable, opt = step(
+            [params[k] for k in names], state, [grads[k] for k in names]
+        )
+        return dict(zip(names, trainable, strict=True)), opt
+
+    del variables
+    return run, opt_vars
+
+
+def torch_time(total: int, leaves: int, repeats: int) -> dict[str, float] | None:
+    """``torch.optim.Adamax`` step medians (foreach off and on); None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    out = {}
+    for foreach in (False, True):
+        weights = [
+            torch.nn.Parameter(torch.ones(total // leaves)) for _ in range(leaves)
+        ]
+        for w in weights:
+            w.grad = torch.full_like(w, 0.5)
+        optimizer = torch.optim.Adamax(weights, lr=1e-3, foreach=foreach)
+        optimizer.step()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        out[f"torch.optim.Adamax (foreach={foreach})"] = float(np.median(times))
+    return out
+
+
+def build_cases(total: int, leaves: int, dtype: Any) -> list[Case]:
+    """Every configuration of the brief, at one size."""
+    grads = make_tree(total, leaves, dtype, 0.5)
+
+    def ours(name, words, phase=None, **options):
+        tx = adamax(**options)
+        params = make_tree(total, leaves, dtype, 1.0)
+        phase_of = (
+            (lambda s: int(s["accumulate"].mini_step)) if phase is not None else None
+        )
+        return Case(
+            name,
+            words,
+            jit_apply(tx),
+            (params, tx.init(params)),
+            grads,
+            phase_of,
+            phase,
+        )
+
+    def theirs(name, words, tx, phase=None, peer=None):
+        params = make_tree(total, leaves, dtype, 1.0)
+        phase_of = (lambda s: int(s.mini_step)) if phase is not None else None
+        return Case(
+            name,
+            words,
+            donated(tx),
+            (params, tx.init(params)),
+            grads,
+            phase_of,
+            phase,
+            peer,
+        )
+
+    cases = [
+        ours("adamax_optax defaults", 7),
+        theirs("optax.adamax", 7, optax.adamax(1e-3), peer="adamax_optax defaults"),
+        ours("adamax_optax clip+decay+EMA", 10, **FULL_OPTIONS),
+    ]
+    init, apply = optax_full_option_chain()
+    params = make_tree(total, leaves, dtype, 1.0)
+    cases.append(
+        Case(
+            "optax chain clip+decay+EMA",
+            10,
+            apply,
+            (params, init(params)),
+            grads,
+            peer="adamax_optax clip+decay+EMA",
+        )
+    )
+    steps = ACCUMULATION
+    cases += [
+        ours(
+            "adamax_optax accumulation micro-step",
+            5,
+            0,
+            gradient_accumulation_steps=steps,
+        ),
+        ours(
+            "adamax_optax accumulation update step",
+            9,
+            steps - 1,
+            gradient_accumulation_steps=steps,
+        ),
+        theirs(
+            "optax.MultiSteps micro-step",
+            5,
+            optax.MultiSteps(optax.adamax(1e-3), steps),
+            0,
+            peer="adamax_optax accumulation micro-step",
+        ),
+        theirs(
+            "optax.MultiSteps update step",
+            9,
+            optax.MultiSteps(optax.adamax(1e-3), steps),
+            steps - 1,
+            peer="adamax_optax accumulation update step",
+        ),
+    ]
+    keras = keras_step(make_tree(total, leaves, dtype, 1.0))
+    if keras is not None:
+        run, opt_vars = keras
+        cases.append(
+            Case(
+                "Keras Adamax stateless_apply",
+                7,
+                run,
+                (make_tree(total, leaves, dtype, 1.0), opt_vars),
+                grads,
+                peer="adamax_optax defaults",
+            )
+        )
+    return cases
+
+
+def peak_memory_ratio(case: Case, total_bytes: int) -> float | None:
+    """XLA's peak (arguments + outputs - aliased + temporaries) over p + s + g."""
+    lower = getattr(case.step, "lower", None)
+    if lower is None:
+        return None
+    analysis = lower(*case.state, case.grads).compile().memory_analysis()
+    if analysis is None:
+        return None
+    peak = (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+        + analysis.temp_size_in_bytes
+    )
+    return peak / total_bytes
+
+
+def time_case(case: Case, repeats: int) -> tuple[float, float]:
+    """Median seconds of the case's step, and its first call (compile + run)."""
+    params, state = case.state
+    start = time.perf_counter()
+    params, state = case.step(params, state, case.grads)
+    jax.block_until_ready((params, state))
+    first = time.perf_counter() - start
+    times = []
+    while len(times) < repeats:
+        if case.phase is not None and case.phase(state) != case.wanted_phase:
+            params, state = case.step(params, state, case.grads)
+            continue
+        jax.block_until_ready((params, state))
+        start = time.perf_counter()
+        params, state = case.step(params, state, case.grads)
+        jax.block_until_ready((params, state))
+        times.append(time.perf_counter() - start)
+    case.state = (params, state)
+    return float(np.median(times)), first
+
+
+def state_bytes(state: Any) -> int:
+    return sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "size")
+    )
+
+
+def run_size(total: int, leaves: int, dtype: Any, bandwidth: float, repeats: int):
+    """Rows for one (size, leaves, dtype)."""
+    rows = []
+    itemsize = jnp.dtype(dtype).itemsize
+    cases = build_cases(total, leaves, dtype)
+    for case in cases:
+        total_bytes = state_bytes(case.state) + state_bytes(case.grads)
+        peak = peak_memory_ratio(case, total_bytes)
+        median, first = time_case(case, repeats)
+        floor = case.words * itemsize * total / bandwidth
+        rows.append(
+            dict(
+                case=case.name,
+                parameters=total,
+                leaves=leaves,
+                dtype=jnp.dtype(dtype).name,
+                words=case.words,
+                median_ms=median * 1e3,
+                floor_ms=floor * 1e3,
+                over_floor=median / floor,
+                first_call_s=first,
+                peak_over_p_s_g=peak,
+                peer=case.peer,
+            )
+        )
+        case.state = None  # free the buffers before the next case
+    by_name = {row["case"]: row for row in rows}
+    for row in rows:
+        if row["peer"] in by_name:
+            row["ratio_to_peer"] = row["median_ms"] / by_name[row["peer"]]["median_ms"]
+    if jnp.dtype(dtype) == jnp.float32:
+        torch = torch_time(total, leaves, repeats)
+        for name, seconds in (torch or {}).items():
+            floor = 7 * 4 * total / bandwidth
+            rows.append(
+                dict(
+                    case=name,
+                    parameters=total,
+                    leaves=leaves,
+                    dtype="float32",
+                    words=7,
+                    median_ms=seconds * 1e3,
+                    floor_ms=floor * 1e3,
+                    over_floor=seconds / floor,
+                    peer="adamax_optax defaults",
+                    ratio_to_peer=seconds
+                    * 1e3
+                    / by_name["adamax_optax defaults"]["median_ms"],
+                )
+            )
+    return rows
+
+
+def compile_times(leaves: int, total: int) -> list[dict[str, Any]]:
+    """Compile seconds of the update of a many-leaf tree."""
+    params = make_tree(total, leaves, jnp.float32, 1.0)
+    txs = {
+        "optax.adamax": (donated(optax.adamax(1e-3)), optax.adamax(1e-3)),
+        "adamax_optax clip+decay+EMA": None,
+        "adamax_optax every option + accumulation": None,
+    }
+    rows = []
+    for name in txs:
+        if name == "optax.adamax":
+            step, tx = txs[name]
+        else:
+            extra = (
+                {}
+                if "accumulation" not in name
+                else dict(
+                    gradient_accumulation_steps=4,
+                    loss_scale_factor=2.0,
+                    ema_overwrite_frequency=10,
+                )
+            )
+            tx = adamax(**FULL_OPTIONS, **extra)
+            step = jit_apply(tx)
+        start = time.perf_counter()
+        step.lower(params, tx.init(params), params).compile()
+        rows.append(
+            dict(case=name, leaves=leaves, compile_s=time.perf_counter() - start)
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'case':42s} {'params':>7s} {'leaves':>6s} {'dtype':>8s} {'median ms':>10s}"
+        f" {'floor ms':>9s} {'x floor':>8s} {'x peer':>7s} {'peak/(p+s+g)':>13s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        peer = f"{r['ratio_to_peer']:.2f}" if "ratio_to_peer" in r else ""
+        peak = f"{r['peak_over_p_s_g']:.2f}" if r.get("peak_over_p_s_g") else ""
+        print(
+            f"{r['case']:42s} {r['parameters'] / 2**20:6.0f}M {r['leaves']:6d} "
+            f"{r['dtype']:>8s} {r['median_ms']:10.1f} {r['floor_ms']:9.1f} "
+            f"{r['over_floor']:8.2f} {peer:>7s} {peak:>13s}"
+        )
+
+
+def draw(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(
+        {r["case"] for r in rows}, key=lambda n: [r["case"] for r in rows].index(n)
+    )
+    figure, axis = plt.subplots(figsize=(10, 5))
+    for name in names:
+        mine = [r for r in rows if r["case"] == name and r["dtype"] == "float32"]
+        if len(mine) > 1:
+            mine.sort(key=lambda r: r["parameters"])
+            axis.plot(
+                [r["parameters"] / 2**20 for r in mine],
+                [r["over_floor"] for r in mine],
+                "o-",
+                label=name,
+            )
+    axis.set(
+        xscale="log",
+        yscale="log",
+        xlabel="parameters (millions, float32)",
+        ylabel="median time / bandwidth floor",
+        title="Update time over the floor",
+    )
+    axis.axhline(1.0, color="k", lw=0.8)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sizes",
+        type=float,
+        nargs="+",
+        default=[1, 8, 32],
+        help="parameter counts, in millions (2**20)",
+    )
+    parser.add_argument("--leaves", type=int, nargs="+", default=[8])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--compile-leaves",
+        type=int,
+        default=1000,
+        help="leaves of the compile-time tree (0 skips it)",
+    )
+    parser.add_argument("--json", default="bench_results.json")
+    parser.add_argument("--plot", default=None, help="PNG path")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    bandwidth = measure_bandwidth()
+    machine = platform.processor() or platform.machine()
+    print(
+        f"{jax.devices()[0].device_kind} ({machine}),"
+        f" jax {jax.__version__}, optax {optax.__version__}; "
+        f"measured bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
+    rows = []
+    for dtype in args.dtypes:
+        for leaves in args.leaves:
+            for size in args.sizes:
+                rows += run_size(
+                    int(size * 2**20), leaves, jnp.dtype(dtype), bandwidth, args.repeats
+                )
+    print_table(rows)
+    compiled = compile_times(args.compile_leaves, 2**20) if args.compile_leaves else []
+    for row in compiled:
+        name, seconds = row["case"], row["compile_s"]
+        print(f"compile, {row['leaves']} leaves: {name:42s} {seconds:.1f} s")
+    result = dict(
+        device=str(jax.devices()[0]),
+        jax=jax.__version__,
+        bandwidth_gb_s=bandwidth / 1e9,
+        rows=rows,
+        compile=compiled,
+    )
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+    if args.plot:
+        draw(rows, pathlib.Path(args.plot))
+        print(f"wrote {args.plot}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="benchmarks/bench.py")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
