@@ -48,8 +48,9 @@ def scale_by_keras_adamax(
     epsilon inside the maximum and has no bias correction of its own.
 
     The arithmetic runs in float32; ``m`` and ``u`` are stored in ``state_dtype``
-    (default: each parameter's dtype, as Keras does) and the direction comes back
-    in the dtype of the incoming updates.
+    (default: each parameter's dtype, as Keras does); like Keras, the direction
+    is computed from the stored (rounded) ``m`` and ``u``, and comes back in the
+    dtype of the incoming updates.
 
     Args:
       beta_1: decay rate of the first moment, in [0, 1).
@@ -109,11 +110,18 @@ def scale_by_keras_adamax(
             grads,
             _common.to_compute(state.u),
         )
-        direction = jax.tree.map(lambda m, u: m / (bias_correction * (u + eps)), m, u)
+        # Keras reads m and u back after assigning them, i.e. rounded to the state
+        # dtype. Doing the same lets XLA reuse the stored moments instead of
+        # recomputing them from the old ones, which would need copies of m and u.
+        m = _common.cast_like(m, state.m)
+        u = _common.cast_like(u, state.u)
+        direction = jax.tree.map(
+            lambda m, u: m / (bias_correction * (u + eps)),
+            _common.to_compute(m),
+            _common.to_compute(u),
+        )
         new_state = ScaleByKerasAdamaxState(
-            count=optax.safe_increment(state.count),
-            m=_common.cast_like(m, state.m),
-            u=_common.cast_like(u, state.u),
+            count=optax.safe_increment(state.count), m=m, u=u
         )
         return _common.cast_like(direction, updates), new_state
 
