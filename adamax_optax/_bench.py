@@ -406,14 +406,16 @@ def draw(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
         {r["case"] for r in rows}, key=lambda n: [r["case"] for r in rows].index(n)
     )
     figure, axis = plt.subplots(figsize=(10, 5))
-    for name in names:
+    colors = plt.get_cmap("tab20").colors
+    for index, name in enumerate(names):
         mine = [r for r in rows if r["case"] == name and r["dtype"] == "float32"]
         if len(mine) > 1:
             mine.sort(key=lambda r: r["parameters"])
             axis.plot(
                 [r["parameters"] / 2**20 for r in mine],
                 [r["over_floor"] for r in mine],
-                "o-",
+                "o-" if name.startswith("adamax_optax") else "s--",
+                color=colors[index % len(colors)],
                 label=name,
             )
     axis.set(
