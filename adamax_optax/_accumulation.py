@@ -52,6 +52,12 @@ def add_to_group_sum(
     )
 
 
+def advance_mini_step(mini_step: jax.Array, steps: int) -> tuple[jax.Array, jax.Array]:
+    """Whether this call ends the group, and the ``mini_step`` after it."""
+    is_update = mini_step == steps - 1
+    return is_update, jnp.where(is_update, 0, mini_step + 1).astype(jnp.int32)
+
+
 def group_mean(
     group_sum: optax.Updates, grads: optax.Updates, steps: int
 ) -> optax.Updates:
@@ -137,9 +143,8 @@ def accumulate_gradients(
         def accumulate() -> tuple[optax.Updates, optax.OptState]:
             return jax.tree.map(jnp.zeros_like, updates), state.inner_state
 
-        is_update = state.mini_step == steps - 1
+        is_update, mini_step = advance_mini_step(state.mini_step, steps)
         new_updates, inner_state = jax.lax.cond(is_update, apply_inner, accumulate)
-        mini_step = jnp.where(is_update, 0, state.mini_step + 1).astype(jnp.int32)
         return new_updates, AccumulateGradientsState(mini_step, group_sum, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

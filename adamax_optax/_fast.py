@@ -20,6 +20,7 @@ from adamax_optax import _common
 from adamax_optax._accumulation import (
     AccumulateGradientsState,
     add_to_group_sum,
+    advance_mini_step,
     group_mean,
 )
 
@@ -65,7 +66,7 @@ class AccumulationPlan:
         group_sum = add_to_group_sum(
             accumulation.accumulator, grads, accumulation.mini_step
         )
-        is_update = accumulation.mini_step == self.steps - 1
+        is_update, mini_step = advance_mini_step(accumulation.mini_step, self.steps)
 
         def update_step(trip: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
             params, inner_state = carry
@@ -80,9 +81,8 @@ class AccumulationPlan:
             update_step,
             (params, accumulation.inner_state),
         )
-        mini_step = jnp.where(is_update, 0, accumulation.mini_step + 1)
         state["accumulate"] = AccumulateGradientsState(
-            mini_step.astype(jnp.int32), group_sum, inner_state
+            mini_step, group_sum, inner_state
         )
         return params, state
 

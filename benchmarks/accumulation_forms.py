@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from adamax_optax import adamax, jit_apply
-from adamax_optax._bench import donated, measure_bandwidth
+from adamax_optax._bench import (
+    Case,
+    donated,
+    measure_bandwidth,
+    peak_memory_ratio,
+    state_bytes,
+)
 
 PARAMETERS = 32 * 2**20
 STEPS = 4
@@ -29,14 +35,10 @@ def run(name: str, make_step: Callable[[Any], Any], word_ms: float) -> None:
     params = {f"w{i}": jnp.ones((PARAMETERS // 8,)) for i in range(8)}
     grads = {k: jnp.full_like(v, 0.5) for k, v in params.items()}
     state = tx.init(params)
-    memory = step.lower(params, state, grads).compile().memory_analysis()
-    total = sum(x.nbytes for x in jax.tree.leaves((params, state, grads)))
-    peak = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    ) / total
+    peak = peak_memory_ratio(
+        Case(name, 5, step, (params, state), grads),
+        state_bytes((params, state, grads)),
+    )
     times: dict[int, list[float]] = {k: [] for k in range(STEPS)}
     for _ in range(6 * STEPS):
         phase = int(state["accumulate"].mini_step)
