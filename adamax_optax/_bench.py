@@ -15,7 +15,7 @@ import json
 import pathlib
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -52,8 +52,14 @@ def make_tree(
     return {f"w{i:04d}": jnp.full((size,), value, dtype) for i in range(leaves)}
 
 
-def measure_bandwidth(elements: int = 64 * 2**20, repeats: int = 15) -> float:
+def default_bandwidth_elements() -> int:
+    """64M float32 on a CPU (past its caches); 1G on an accelerator (4 GiB)."""
+    return 64 * 2**20 if jax.default_backend() == "cpu" else 2**30
+
+
+def measure_bandwidth(elements: int | None = None, repeats: int = 15) -> float:
     """Bytes per second of a donated float32 scale: read once, write once."""
+    elements = elements or default_bandwidth_elements()
     scale = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
     x = scale(jnp.ones((elements,), jnp.float32))
     x.block_until_ready()
@@ -131,15 +137,22 @@ def keras_step(params: dict[str, jax.Array]) -> tuple[Callable[..., Any], Any] |
 
 
 def torch_time(total: int, leaves: int, repeats: int) -> dict[str, float] | None:
-    """``torch.optim.Adamax`` step medians (foreach off and on); None without torch."""
+    """``torch.optim.Adamax`` step medians (foreach off and on); None without torch.
+
+    On the GPU that JAX uses when torch sees one (CUDA), else on the CPU.
+    """
     try:
         import torch
     except ImportError:
         return None
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
     out = {}
     for foreach in (False, True):
         weights = [
-            torch.nn.Parameter(torch.ones(total // leaves)) for _ in range(leaves)
+            torch.nn.Parameter(torch.ones(total // leaves, device=device))
+            for _ in range(leaves)
         ]
         for w in weights:
             w.grad = torch.full_like(w, 0.5)
@@ -147,15 +160,24 @@ def torch_time(total: int, leaves: int, repeats: int) -> dict[str, float] | None
         optimizer.step()
         times = []
         for _ in range(repeats):
+            synchronize()
             start = time.perf_counter()
             optimizer.step()
+            synchronize()
             times.append(time.perf_counter() - start)
         out[f"torch.optim.Adamax (foreach={foreach})"] = float(np.median(times))
+        del optimizer, weights
+        if on_gpu:
+            torch.cuda.empty_cache()
     return out
 
 
-def build_cases(total: int, leaves: int, dtype: Any) -> list[Case]:
-    """Every configuration of the brief, at one size."""
+def build_cases(total: int, leaves: int, dtype: Any) -> Iterator[Case]:
+    """Every configuration of the brief, at one size, built one at a time.
+
+    Each case's buffers are made when the case is reached, so that only one case's
+    parameters and state are alive at once (1B parameters fit on one GPU).
+    """
     grads = make_tree(total, leaves, dtype, 0.5)
 
     def ours(name, words, phase=None, **options):
@@ -188,74 +210,71 @@ def build_cases(total: int, leaves: int, dtype: Any) -> list[Case]:
             peer,
         )
 
-    cases = [
-        ours("adamax_optax defaults", 7),
-        theirs("optax.adamax", 7, optax.adamax(1e-3), peer="adamax_optax defaults"),
-        ours("adamax_optax clip+decay+EMA", 10, **FULL_OPTIONS),
-    ]
+    yield ours("adamax_optax defaults", 7)
+    yield theirs("optax.adamax", 7, optax.adamax(1e-3), peer="adamax_optax defaults")
+    yield ours("adamax_optax clip+decay+EMA", 10, **FULL_OPTIONS)
     init, apply = optax_full_option_chain()
     params = make_tree(total, leaves, dtype, 1.0)
-    cases.append(
-        Case(
-            "optax chain clip+decay+EMA",
-            10,
-            apply,
-            (params, init(params)),
-            grads,
-            peer="adamax_optax clip+decay+EMA",
-        )
+    yield Case(
+        "optax chain clip+decay+EMA",
+        10,
+        apply,
+        (params, init(params)),
+        grads,
+        peer="adamax_optax clip+decay+EMA",
     )
+    del params
     steps = ACCUMULATION
-    cases += [
-        ours(
-            "adamax_optax accumulation micro-step",
-            5,
-            0,
-            gradient_accumulation_steps=steps,
-        ),
-        ours(
-            "adamax_optax accumulation update step",
-            9,
-            steps - 1,
-            gradient_accumulation_steps=steps,
-        ),
-        theirs(
-            "optax.MultiSteps micro-step",
-            5,
-            optax.MultiSteps(optax.adamax(1e-3), steps),
-            0,
-            peer="adamax_optax accumulation micro-step",
-        ),
-        theirs(
-            "optax.MultiSteps update step",
-            9,
-            optax.MultiSteps(optax.adamax(1e-3), steps),
-            steps - 1,
-            peer="adamax_optax accumulation update step",
-        ),
-    ]
+    yield ours(
+        "adamax_optax accumulation micro-step",
+        5,
+        0,
+        gradient_accumulation_steps=steps,
+    )
+    yield ours(
+        "adamax_optax accumulation update step",
+        9,
+        steps - 1,
+        gradient_accumulation_steps=steps,
+    )
+    yield theirs(
+        "optax.MultiSteps micro-step",
+        5,
+        optax.MultiSteps(optax.adamax(1e-3), steps),
+        0,
+        peer="adamax_optax accumulation micro-step",
+    )
+    yield theirs(
+        "optax.MultiSteps update step",
+        9,
+        optax.MultiSteps(optax.adamax(1e-3), steps),
+        steps - 1,
+        peer="adamax_optax accumulation update step",
+    )
     keras = keras_step(make_tree(total, leaves, dtype, 1.0))
     if keras is not None:
         run, opt_vars = keras
-        cases.append(
-            Case(
-                "Keras Adamax stateless_apply",
-                7,
-                run,
-                (make_tree(total, leaves, dtype, 1.0), opt_vars),
-                grads,
-                peer="adamax_optax defaults",
-            )
+        yield Case(
+            "Keras Adamax stateless_apply",
+            7,
+            run,
+            (make_tree(total, leaves, dtype, 1.0), opt_vars),
+            grads,
+            peer="adamax_optax defaults",
         )
-    return cases
 
 
-def peak_memory_ratio(case: Case, total_bytes: int) -> float | None:
-    """XLA's peak (arguments + outputs - aliased + temporaries) over p + s + g."""
+def compile_case(case: Case, total_bytes: int) -> float | None:
+    """Compiles a jitted step ahead of time (``case.step`` becomes the executable).
+
+    Returns XLA's peak (arguments + outputs - aliased + temporaries) over
+    p + s + g, or None for a step that is not one jitted function (Keras).
+    """
     lower = getattr(case.step, "lower", None)
     if lower is None:
         return None
-    analysis = lower(*case.state, case.grads).compile().memory_analysis()
+    case.step = lower(*case.state, case.grads).compile()
+    analysis = case.step.memory_analysis()
     if analysis is None:
         return None
     peak = (
@@ -268,7 +287,7 @@ def peak_memory_ratio(case: Case, total_bytes: int) -> float | None:
 
 
 def time_case(case: Case, repeats: int) -> tuple[float, float]:
-    """Median seconds of the case's step, and its first call (compile + run)."""
+    """Median seconds of the case's step, and its first call (with any compile)."""
     params, state = case.state
     start = time.perf_counter()
     params, state = case.step(params, state, case.grads)
@@ -298,10 +317,11 @@ def run_size(total: int, leaves: int, dtype: Any, bandwidth: float, repeats: int
     """Rows for one (size, leaves, dtype)."""
     rows = []
     itemsize = jnp.dtype(dtype).itemsize
-    cases = build_cases(total, leaves, dtype)
-    for case in cases:
+    for case in build_cases(total, leaves, dtype):
         total_bytes = state_bytes(case.state) + state_bytes(case.grads)
-        peak = peak_memory_ratio(case, total_bytes)
+        start = time.perf_counter()
+        peak = compile_case(case, total_bytes)
+        compiled = time.perf_counter() - start
         median, first = time_case(case, repeats)
         floor = case.words * itemsize * total / bandwidth
         rows.append(
@@ -314,7 +334,7 @@ def run_size(total: int, leaves: int, dtype: Any, bandwidth: float, repeats: int
                 median_ms=median * 1e3,
                 floor_ms=floor * 1e3,
                 over_floor=median / floor,
-                first_call_s=first,
+                first_call_s=compiled + first,
                 peak_over_p_s_g=peak,
                 peer=case.peer,
             )
@@ -475,6 +495,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"compile, {row['leaves']} leaves: {name:42s} {seconds:.1f} s")
     result = dict(
         device=str(jax.devices()[0]),
+        device_kind=jax.devices()[0].device_kind,
         jax=jax.__version__,
         bandwidth_gb_s=bandwidth / 1e9,
         rows=rows,

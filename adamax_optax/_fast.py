@@ -46,15 +46,19 @@ class AccumulationPlan:
     ) -> tuple[optax.Params, Any]:
         """One call: a micro-step or the group's update, without ``lax.cond``.
 
-        Every call adds the gradients into the accumulator (read g and the
-        accumulator, write the accumulator: 3 words). The group's update runs in
-        a ``fori_loop`` of 0 or 1 trips: a while loop updates the parameters and
-        the moments it carries in place, so on a micro-step they are not touched.
-        A ``lax.cond`` instead copies every buffer its identity branch passes
-        through. Inside the loop, an ``optimization_barrier`` ties the group sum
-        to the loop counter: otherwise XLA hoists the loop-invariant gradient
-        arithmetic (``|g|``, the mean) out of the loop, so that it runs on every
-        micro-step into fresh full-size buffers (see benchmarks/RESULTS.md).
+        Each branch is a ``fori_loop`` of 0 or 1 trips: a while loop updates the
+        buffers it carries in place and leaves them untouched when it does not
+        run, where a ``lax.cond`` copies every buffer its identity branch passes
+        through. A micro-step runs the first loop, which adds the gradients into
+        the accumulator (read g and the accumulator, write it: 3 words). The
+        group's last call runs the second, which writes the group's sum into the
+        accumulator and updates the parameters and the inner state from it, so
+        that a backend with multi-output fusion (GPU, TPU) reads g and the
+        accumulator once (9 words for the defaults). Each loop body starts with
+        an ``optimization_barrier`` that ties its loop-invariant inputs to the
+        loop counter: otherwise XLA hoists the gradient arithmetic (``|g|``, the
+        mean) out of the loop, so that it runs on every call into fresh
+        full-size buffers (see benchmarks/RESULTS.md).
         """
         state = opt_state.copy()
         if self.loss_scale is not None:
@@ -63,26 +67,37 @@ class AccumulationPlan:
             )
         accumulation: AccumulateGradientsState = state["accumulate"]
         _common.check_updates_match(grads, accumulation.accumulator, "jit_apply")
-        group_sum = add_to_group_sum(
-            accumulation.accumulator, grads, accumulation.mini_step
-        )
         is_update, mini_step = advance_mini_step(accumulation.mini_step, self.steps)
 
-        def update_step(trip: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
-            params, inner_state = carry
-            _, loop_variant_sum = jax.lax.optimization_barrier((trip, group_sum))
-            mean = group_mean(loop_variant_sum, grads, self.steps)
-            updates, inner_state = self.inner.update(mean, inner_state, params)
-            return optax.apply_updates(params, updates), inner_state
+        def group_sum(trip: jax.Array, accumulator: Any) -> tuple[Any, Any]:
+            """The group's sum, and g, made loop-variant (not hoisted)."""
+            _, accumulator, loop_variant_grads = jax.lax.optimization_barrier(
+                (trip, accumulator, grads)
+            )
+            summed = add_to_group_sum(
+                accumulator, loop_variant_grads, accumulation.mini_step
+            )
+            return summed, loop_variant_grads
 
-        params, inner_state = jax.lax.fori_loop(
-            0,
-            is_update.astype(jnp.int32),
-            update_step,
-            (params, accumulation.inner_state),
+        def micro_step(trip: jax.Array, accumulator: Any) -> Any:
+            return group_sum(trip, accumulator)[0]
+
+        def update_step(trip: jax.Array, carry: tuple[Any, Any, Any]) -> Any:
+            params, inner_state, accumulator = carry
+            accumulator, loop_variant_grads = group_sum(trip, accumulator)
+            mean = group_mean(accumulator, loop_variant_grads, self.steps)
+            updates, inner_state = self.inner.update(mean, inner_state, params)
+            return optax.apply_updates(params, updates), inner_state, accumulator
+
+        trips = is_update.astype(jnp.int32)
+        accumulator = jax.lax.fori_loop(
+            0, 1 - trips, micro_step, accumulation.accumulator
+        )
+        params, inner_state, accumulator = jax.lax.fori_loop(
+            0, trips, update_step, (params, accumulation.inner_state, accumulator)
         )
         state["accumulate"] = AccumulateGradientsState(
-            mini_step, group_sum, inner_state
+            mini_step, accumulator, inner_state
         )
         return params, state
 

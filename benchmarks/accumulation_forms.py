@@ -19,9 +19,9 @@ import numpy as np
 from adamax_optax import adamax, jit_apply
 from adamax_optax._bench import (
     Case,
+    compile_case,
     donated,
     measure_bandwidth,
-    peak_memory_ratio,
     state_bytes,
 )
 
@@ -31,14 +31,12 @@ STEPS = 4
 
 def run(name: str, make_step: Callable[[Any], Any], word_ms: float) -> None:
     tx = adamax(gradient_accumulation_steps=STEPS)
-    step = make_step(tx)
     params = {f"w{i}": jnp.ones((PARAMETERS // 8,)) for i in range(8)}
     grads = {k: jnp.full_like(v, 0.5) for k, v in params.items()}
     state = tx.init(params)
-    peak = peak_memory_ratio(
-        Case(name, 5, step, (params, state), grads),
-        state_bytes((params, state, grads)),
-    )
+    case = Case(name, 5, make_step(tx), (params, state), grads)
+    peak = compile_case(case, state_bytes((params, state, grads)))
+    step = case.step
     times: dict[int, list[float]] = {k: [] for k in range(STEPS)}
     for _ in range(6 * STEPS):
         phase = int(state["accumulate"].mini_step)
