@@ -57,23 +57,30 @@ class AccumulationPlan:
         accumulator once (9 words for the defaults). Each loop body starts with
         an ``optimization_barrier`` that ties its loop-invariant inputs to the
         loop counter: otherwise XLA hoists the gradient arithmetic (``|g|``, the
-        mean) out of the loop, so that it runs on every call into fresh
-        full-size buffers (see benchmarks/RESULTS.md).
+        mean, the loss-scale division) out of the loop, so that it runs on every
+        call into fresh full-size buffers (see benchmarks/RESULTS.md).
         """
         state = opt_state.copy()
-        if self.loss_scale is not None:
-            grads, state["loss_scale"] = self.loss_scale.update(
-                grads, state["loss_scale"], params
-            )
         accumulation: AccumulateGradientsState = state["accumulate"]
         _common.check_updates_match(grads, accumulation.accumulator, "jit_apply")
         is_update, mini_step = advance_mini_step(accumulation.mini_step, self.steps)
+
+        def unscale(grads: optax.Updates) -> tuple[optax.Updates, Any]:
+            if self.loss_scale is None:
+                return grads, None
+            return self.loss_scale.update(grads, state["loss_scale"], params)
+
+        if self.loss_scale is not None:
+            # Only the (constant) state: the unscaled gradients are computed in
+            # each loop body, fused into its kernels, not materialised here.
+            state["loss_scale"] = unscale(grads)[1]
 
         def group_sum(trip: jax.Array, accumulator: Any) -> tuple[Any, Any]:
             """The group's sum, and g, made loop-variant (not hoisted)."""
             _, accumulator, loop_variant_grads = jax.lax.optimization_barrier(
                 (trip, accumulator, grads)
             )
+            loop_variant_grads = unscale(loop_variant_grads)[0]
             summed = add_to_group_sum(
                 accumulator, loop_variant_grads, accumulation.mini_step
             )
