@@ -3,7 +3,8 @@
 Times the micro-step and the update step of ``adamax(gradient_accumulation_steps=4)``
 at 32M float32 parameters in three forms: the chain's ``lax.cond`` through
 ``tx.update``, ``jit_apply``'s 0/1-trip loop with its ``optimization_barrier``, and
-the same loop without the barrier. Prints a markdown table.
+the same loop without the barrier; then the last two with ``loss_scale_factor``,
+whose division by the scale is a pure function of g. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ PARAMETERS = 32 * 2**20
 STEPS = 4
 
 
-def run(name: str, make_step: Callable[[Any], Any], word_ms: float) -> None:
-    tx = adamax(gradient_accumulation_steps=STEPS)
+def run(
+    name: str, make_step: Callable[[Any], Any], word_ms: float, **options: Any
+) -> None:
+    tx = adamax(gradient_accumulation_steps=STEPS, **options)
     params = {f"w{i}": jnp.ones((PARAMETERS // 8,)) for i in range(8)}
     grads = {k: jnp.full_like(v, 0.5) for k, v in params.items()}
     state = tx.init(params)
@@ -61,10 +64,13 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     run("tx.update + apply_updates (lax.cond), donated", donated, word_ms)
     run("jit_apply: 0/1-trip fori_loop + barrier", jit_apply, word_ms)
+    scaled = "jit_apply, loss_scale_factor=3"
+    run(f"{scaled}: with the barrier", jit_apply, word_ms, loss_scale_factor=3.0)
     barrier = jax.lax.optimization_barrier
     jax.lax.optimization_barrier = lambda x: x
     try:
         run("the same loop without the barrier", jit_apply, word_ms)
+        run(f"{scaled}: without", jit_apply, word_ms, loss_scale_factor=3.0)
     finally:
         jax.lax.optimization_barrier = barrier
 
