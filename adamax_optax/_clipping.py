@@ -29,6 +29,17 @@ def _in_compute_dtype(fn: Callable[[jax.Array], jax.Array], g: jax.Array) -> jax
     return fn(g.astype(_common.COMPUTE_DTYPE)).astype(g.dtype)
 
 
+def _separate_read(tree: optax.Updates) -> optax.Updates:
+    """``tree`` as a value of its own, for a reduction over it.
+
+    XLA would otherwise share one float32 convert of a low-precision gradient
+    between the reduction and the elementwise update, and, on CPU, materialise
+    it as a full-size temporary; behind the barrier each consumer converts on
+    the fly. The barrier compiles to nothing.
+    """
+    return jax.lax.optimization_barrier(tree)
+
+
 def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformation:
     r"""Clips each leaf to an L2 norm of at most ``clipnorm`` (Keras' ``clipnorm``).
 
@@ -55,17 +66,17 @@ def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformation:
     """
     _validation.check_positive("clipnorm", clipnorm)
 
-    def clip_leaf(g: jax.Array) -> jax.Array:
+    def clip_leaf(update: jax.Array) -> jax.Array:
         c = _common.as_compute_scalar(clipnorm)
-        l2sum = jnp.sum(jnp.square(g), keepdims=True)
+        g = update.astype(_common.COMPUTE_DTYPE)
+        squares = jnp.square(_separate_read(update).astype(_common.COMPUTE_DTYPE))
+        l2sum = jnp.sum(squares, keepdims=True)
         nonzero = l2sum > 0
         l2sum_safe = jnp.where(nonzero, l2sum, jnp.ones_like(l2sum))
         l2norm = jnp.where(nonzero, jnp.sqrt(l2sum_safe), l2sum)
-        return (g * c) / jnp.maximum(l2norm, c)
+        return ((g * c) / jnp.maximum(l2norm, c)).astype(update.dtype)
 
-    return _stateless(
-        lambda updates: jax.tree.map(lambda g: _in_compute_dtype(clip_leaf, g), updates)
-    )
+    return _stateless(lambda updates: jax.tree.map(clip_leaf, updates))
 
 
 def keras_global_clipnorm(global_clipnorm: ArrayLike) -> optax.GradientTransformation:
@@ -99,7 +110,10 @@ def keras_global_clipnorm(global_clipnorm: ArrayLike) -> optax.GradientTransform
     def clip(updates: optax.Updates) -> optax.Updates:
         c = _common.as_compute_scalar(global_clipnorm)
         grads = _common.to_compute(updates)
-        squared = [jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)]
+        squared = [
+            jnp.sum(jnp.square(g))
+            for g in jax.tree.leaves(_common.to_compute(_separate_read(updates)))
+        ]
         norm = jnp.sqrt(jnp.sum(jnp.stack(squared))) if squared else jnp.float32(0)
         scale = c * jnp.minimum(1.0 / norm, 1.0 / c) + (norm - norm)
         return _common.cast_like(jax.tree.map(lambda g: g * scale, grads), updates)

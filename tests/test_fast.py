@@ -152,3 +152,15 @@ def test_no_parameter_sized_temporary(name):
     compiled = jit_apply(tx).lower(params, state, params).compile()
     smallest_leaf_bytes = 128 * 1024 * 4
     assert compiled.memory_analysis().temp_size_in_bytes < smallest_leaf_bytes
+
+
+@pytest.mark.parametrize("clip", ["global_clipnorm", "clipnorm"])
+def test_bfloat16_clipping_holds_no_float32_gradient(clip):
+    """The norm reads the bfloat16 gradients itself; no float32 convert of them
+    is shared with the update and materialised. (XLA's CPU backend still keeps
+    the rounded bfloat16 clipped gradient, which the m and u kernels share.)"""
+    tx = adamax(**{clip: 1.0})
+    params = {"w": jnp.ones((256, 1024), jnp.bfloat16)}
+    compiled = jit_apply(tx).lower(params, tx.init(params), params).compile()
+    float32_grads_bytes = 256 * 1024 * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < float32_grads_bytes
