@@ -53,3 +53,22 @@ def test_clipping_keeps_low_precision_dtypes():
     grads = {"a": jnp.array([30.0, 40.0], jnp.bfloat16)}
     for tx in (keras_clipnorm(1.0), keras_global_clipnorm(1.0), keras_clipvalue(1.0)):
         assert apply(tx, grads)["a"].dtype == jnp.bfloat16
+
+
+def test_norm_clipping_under_vmap_and_grad():
+    """The norms read the gradients through an optimization barrier; the
+    transforms still batch (an ensemble of optimizers) and differentiate
+    (meta-learning), against the closed form ``g * c / |g|``."""
+    import jax
+
+    c = 2.0
+    batch = jnp.array([[3.0, 4.0], [0.6, 0.8]])  # norms 5 (clipped) and 1 (kept)
+    for tx in (keras_clipnorm(c), keras_global_clipnorm(c)):
+        out = jax.vmap(lambda g, tx=tx: apply(tx, g))(batch)
+        np.testing.assert_allclose(out, [[1.2, 1.6], [0.6, 0.8]], rtol=1e-6)
+
+        g = np.array([3.0, 4.0])
+        grad = jax.grad(lambda g, tx=tx: jnp.sum(apply(tx, g)))(jnp.asarray(g))
+        norm = np.linalg.norm(g)  # d/dg_i of sum(g) c / |g|
+        want = c / norm - g.sum() * c * g / norm**3
+        np.testing.assert_allclose(grad, want, rtol=1e-5)
