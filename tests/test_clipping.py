@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,8 +60,6 @@ def test_norm_clipping_under_vmap_and_grad():
     """The norms read the gradients through an optimization barrier; the
     transforms still batch (an ensemble of optimizers) and differentiate
     (meta-learning), against the closed form ``g * c / |g|``."""
-    import jax
-
     c = 2.0
     batch = jnp.array([[3.0, 4.0], [0.6, 0.8]])  # norms 5 (clipped) and 1 (kept)
     for tx in (keras_clipnorm(c), keras_global_clipnorm(c)):
