@@ -55,9 +55,9 @@ class AccumulationPlan:
         accumulator and updates the parameters and the inner state from it, so
         that a backend with multi-output fusion (GPU, TPU) reads g and the
         accumulator once (9 words for the defaults). Each loop body starts with
-        an ``optimization_barrier`` that ties its loop-invariant inputs to the
-        loop counter: otherwise XLA hoists the gradient arithmetic (``|g|``, the
-        mean, the loss-scale division) out of the loop, so that it runs on every
+        an ``optimization_barrier`` that ties g to the loop counter: otherwise
+        XLA hoists out of the loop whatever is computed from g alone (the
+        loss-scale division, a low-precision convert), so that it runs on every
         call into fresh full-size buffers (see benchmarks/RESULTS.md).
         """
         state = opt_state.copy()
@@ -65,22 +65,26 @@ class AccumulationPlan:
         _common.check_updates_match(grads, accumulation.accumulator, "jit_apply")
         is_update, mini_step = advance_mini_step(accumulation.mini_step, self.steps)
 
-        def unscale(grads: optax.Updates) -> tuple[optax.Updates, Any]:
-            if self.loss_scale is None:
-                return grads, None
-            return self.loss_scale.update(grads, state["loss_scale"], params)
-
+        loss_scale_state = state.get("loss_scale")
         if self.loss_scale is not None:
-            # Only the (constant) state: the unscaled gradients are computed in
-            # each loop body, fused into its kernels, not materialised here.
-            state["loss_scale"] = unscale(grads)[1]
+            # Only the new state: the unscaled gradients are computed in each
+            # loop body (fused there), not materialised here.
+            _, state["loss_scale"] = self.loss_scale.update(
+                grads, loss_scale_state, params
+            )
+
+        def unscale(grads: optax.Updates) -> optax.Updates:
+            """``g / loss_scale``, for use inside a loop body."""
+            if self.loss_scale is None:
+                return grads
+            return self.loss_scale.update(grads, loss_scale_state, params)[0]
 
         def group_sum(trip: jax.Array, accumulator: Any) -> tuple[Any, Any]:
             """The group's sum, and g, made loop-variant (not hoisted)."""
             _, accumulator, loop_variant_grads = jax.lax.optimization_barrier(
                 (trip, accumulator, grads)
             )
-            loop_variant_grads = unscale(loop_variant_grads)[0]
+            loop_variant_grads = unscale(loop_variant_grads)
             summed = add_to_group_sum(
                 accumulator, loop_variant_grads, accumulation.mini_step
             )
