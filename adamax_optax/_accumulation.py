@@ -10,6 +10,14 @@ import optax
 from jax.typing import DTypeLike
 
 from adamax_optax import _common, _validation
+from adamax_optax._split import (
+    ALWAYS,
+    Gate,
+    SplitUpdate,
+    loop_variant,
+    split_of,
+    trip_count,
+)
 
 
 class AccumulateGradientsState(NamedTuple):
@@ -41,15 +49,13 @@ def add_to_group_sum(
     itself: what the accumulator held before belongs to the previous group.
     """
     first = mini_step == 0
-    return jax.tree.map(
-        lambda a, g: jnp.where(
-            first,
-            g.astype(_common.COMPUTE_DTYPE),
-            a.astype(_common.COMPUTE_DTYPE) + g.astype(_common.COMPUTE_DTYPE),
-        ).astype(a.dtype),
-        accumulator,
-        grads,
-    )
+
+    def add(a: jax.Array, g: jax.Array) -> jax.Array:
+        dtype = _common.compute_dtype(a.dtype, g.dtype)
+        g_wide = g.astype(dtype)
+        return jnp.where(first, g_wide, a.astype(dtype) + g_wide).astype(a.dtype)
+
+    return jax.tree.map(add, accumulator, grads)
 
 
 def advance_mini_step(mini_step: jax.Array, steps: int) -> tuple[jax.Array, jax.Array]:
@@ -61,13 +67,16 @@ def advance_mini_step(mini_step: jax.Array, steps: int) -> tuple[jax.Array, jax.
 def group_mean(
     group_sum: optax.Updates, grads: optax.Updates, steps: int
 ) -> optax.Updates:
-    """``group_sum / steps`` in float32, cast to the gradients' dtype (as Keras)."""
-    count = _common.as_compute_scalar(steps)
-    return jax.tree.map(
-        lambda s, g: (s.astype(_common.COMPUTE_DTYPE) / count).astype(g.dtype),
-        group_sum,
-        grads,
-    )
+    """``group_sum / steps`` in the compute dtype, cast to the gradients' dtype
+    (as Keras)."""
+
+    def mean(s: jax.Array, g: jax.Array) -> jax.Array:
+        dtype = _common.compute_dtype(s.dtype, g.dtype)
+        return (s.astype(dtype) / _common.as_compute_scalar(steps, dtype)).astype(
+            g.dtype
+        )
+
+    return jax.tree.map(mean, group_sum, grads)
 
 
 def check_gradient_accumulation_steps(value: Any) -> None:
@@ -116,7 +125,7 @@ def accumulate_gradients(
     """
     check_gradient_accumulation_steps(gradient_accumulation_steps)
     _validation.check_state_dtype(state_dtype)
-    inner = optax.with_extra_args_support(inner)
+    inner_split = split_of(inner)
     steps = gradient_accumulation_steps
 
     def init_fn(params: optax.Params) -> AccumulateGradientsState:
@@ -127,24 +136,69 @@ def accumulate_gradients(
             inner_state=inner.init(params),
         )
 
-    def update_fn(
+    def advance(
         updates: optax.Updates,
         state: AccumulateGradientsState,
-        params: optax.Params | None = None,
+        params: optax.Params | None,
+        gate: Gate,
         **extra_args: Any,
-    ) -> tuple[optax.Updates, AccumulateGradientsState]:
+    ) -> AccumulateGradientsState:
         _common.check_updates_match(updates, state.accumulator, "accumulate_gradients")
-        group_sum = add_to_group_sum(state.accumulator, updates, state.mini_step)
-
-        def apply_inner() -> tuple[optax.Updates, optax.OptState]:
-            mean = group_mean(group_sum, updates, steps)
-            return inner.update(mean, state.inner_state, params, **extra_args)
-
-        def accumulate() -> tuple[optax.Updates, optax.OptState]:
-            return jax.tree.map(jnp.zeros_like, updates), state.inner_state
-
         is_update, mini_step = advance_mini_step(state.mini_step, steps)
-        new_updates, inner_state = jax.lax.cond(is_update, apply_inner, accumulate)
-        return new_updates, AccumulateGradientsState(mini_step, group_sum, inner_state)
+        runs = jnp.asarray(True) if gate.run is None else gate.run
+        if gate.run is not None:
+            mini_step = jnp.where(runs, mini_step, state.mini_step)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        def micro_step(trip: jax.Array, accumulator: Any) -> Any:
+            accumulator, grads = loop_variant(trip, (accumulator, updates))
+            return add_to_group_sum(accumulator, gate.divide(grads), state.mini_step)
+
+        accumulator = jax.lax.fori_loop(
+            0, trip_count(runs & ~is_update), micro_step, state.accumulator
+        )
+
+        def update_step(trip: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+            # The group's sum is written into the accumulator (in place) and
+            # the inner transformation reads it from there: XLA's CPU backend
+            # does not repeat a division or a conversion in several kernels, so
+            # a mean formed on the fly from the accumulator and ``g`` would be
+            # computed once into a gradient-sized temporary.
+            inner_state, group = carry
+            inner_state, group, grads, current = loop_variant(
+                trip, (inner_state, group, updates, params)
+            )
+            grads = gate.divide(grads)
+            group = add_to_group_sum(group, grads, state.mini_step)
+            inner_state = inner_split.advance(
+                group_mean(group, grads, steps),
+                inner_state,
+                current,
+                ALWAYS,
+                **extra_args,
+            )
+            return inner_state, group
+
+        inner_state, accumulator = jax.lax.fori_loop(
+            0,
+            trip_count(runs & is_update),
+            update_step,
+            (state.inner_state, accumulator),
+        )
+        return AccumulateGradientsState(mini_step, accumulator, inner_state)
+
+    def emit(
+        updates: optax.Updates,
+        state: AccumulateGradientsState,
+        new_state: AccumulateGradientsState,
+        params: optax.Params | None,
+        gate: Gate,
+        **extra_args: Any,
+    ) -> optax.Updates:
+        updated = Gate(run=state.mini_step == steps - 1).also(run=gate.run)
+        mean = group_mean(new_state.accumulator, updates, steps)
+        emitted = inner_split.emit(
+            mean, state.inner_state, new_state.inner_state, params, ALWAYS, **extra_args
+        )
+        return updated.select(emitted)
+
+    return optax.GradientTransformationExtraArgs(init_fn, SplitUpdate(advance, emit))

@@ -10,6 +10,7 @@ import optax
 from jax.typing import ArrayLike, DTypeLike
 
 from adamax_optax import _common, _validation
+from adamax_optax._split import split_transformation
 
 
 class ScaleByKerasAdamaxState(NamedTuple):
@@ -33,7 +34,7 @@ def scale_by_keras_adamax(
     epsilon: ArrayLike = 1e-7,
     *,
     state_dtype: DTypeLike | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by the Adamax rule exactly as Keras computes it.
 
     With ``t`` the number of updates applied so far plus one, each leaf becomes::
@@ -47,10 +48,11 @@ def scale_by_keras_adamax(
     ``w = w - lr * direction``. This is not ``optax.scale_by_adamax``, which keeps
     epsilon inside the maximum and has no bias correction of its own.
 
-    The arithmetic runs in float32; ``m`` and ``u`` are stored in ``state_dtype``
-    (default: each parameter's dtype, as Keras does); like Keras, the direction
-    is computed from the stored (rounded) ``m`` and ``u``, and comes back in the
-    dtype of the incoming updates.
+    The arithmetic runs in the widest of float32 and the dtypes involved (float32
+    for bfloat16, float16 and float32; float64 for float64); ``m`` and ``u`` are
+    stored in ``state_dtype`` (default: each parameter's dtype, as Keras does);
+    like Keras, the direction is computed from the stored (rounded) ``m`` and
+    ``u``, and comes back in the dtype of the incoming updates.
 
     Args:
       beta_1: decay rate of the first moment, in [0, 1).
@@ -59,7 +61,7 @@ def scale_by_keras_adamax(
       state_dtype: dtype of ``m`` and ``u``; ``None`` keeps each parameter's dtype.
 
     Returns:
-      An ``optax.GradientTransformation``.
+      An ``optax.GradientTransformationExtraArgs``.
 
     Example (Keras' own golden value, one step with learning rate 0.5):
       >>> import jax.numpy as jnp, optax
@@ -88,41 +90,52 @@ def scale_by_keras_adamax(
             u=_common.zeros_like_in(params, state_dtype),
         )
 
-    def update_fn(
+    def advance(
         updates: optax.Updates,
         state: ScaleByKerasAdamaxState,
         params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, ScaleByKerasAdamaxState]:
+    ) -> ScaleByKerasAdamaxState:
         del params
         _common.check_updates_match(updates, state.m, "scale_by_keras_adamax")
-        b1 = _common.as_compute_scalar(beta_1)
-        b2 = _common.as_compute_scalar(beta_2)
-        eps = _common.as_compute_scalar(epsilon)
-        t = (state.count + 1).astype(_common.COMPUTE_DTYPE)
-        bias_correction = 1 - jnp.power(jnp.asarray(b1, _common.COMPUTE_DTYPE), t)
 
-        grads = _common.to_compute(updates)
-        m = jax.tree.map(
-            lambda g, m: m + (g - m) * (1 - b1), grads, _common.to_compute(state.m)
-        )
-        u = jax.tree.map(
-            lambda g, u: jnp.maximum(b2 * u, jnp.abs(g)),
-            grads,
-            _common.to_compute(state.u),
-        )
-        # Keras reads m and u back after assigning them, i.e. rounded to the state
-        # dtype. Doing the same lets XLA reuse the stored moments instead of
-        # recomputing them from the old ones, which would need copies of m and u.
-        m = _common.cast_like(m, state.m)
-        u = _common.cast_like(u, state.u)
-        direction = jax.tree.map(
-            lambda m, u: m / (bias_correction * (u + eps)),
-            _common.to_compute(m),
-            _common.to_compute(u),
-        )
-        new_state = ScaleByKerasAdamaxState(
-            count=optax.safe_increment(state.count), m=m, u=u
-        )
-        return _common.cast_like(direction, updates), new_state
+        def first_moment(g: jax.Array, m: jax.Array) -> jax.Array:
+            dtype = _common.compute_dtype(g.dtype, m.dtype)
+            b1 = _common.as_compute_scalar(beta_1, dtype)
+            g, m32 = g.astype(dtype), m.astype(dtype)
+            return (m32 + (g - m32) * (1 - b1)).astype(m.dtype)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+        def infinity_norm(g: jax.Array, u: jax.Array) -> jax.Array:
+            dtype = _common.compute_dtype(g.dtype, u.dtype)
+            b2 = _common.as_compute_scalar(beta_2, dtype)
+            return jnp.maximum(b2 * u.astype(dtype), jnp.abs(g.astype(dtype))).astype(
+                u.dtype
+            )
+
+        return ScaleByKerasAdamaxState(
+            count=optax.safe_increment(state.count),
+            m=jax.tree.map(first_moment, updates, state.m),
+            u=jax.tree.map(infinity_norm, updates, state.u),
+        )
+
+    def emit(
+        updates: optax.Updates,
+        state: ScaleByKerasAdamaxState,
+        new_state: ScaleByKerasAdamaxState,
+        params: optax.Params | None = None,
+    ) -> optax.Updates:
+        # Keras reads m and u back after assigning them, i.e. rounded to the
+        # state dtype; so does this phase, which reads only the new state.
+        del params
+        t = state.count + 1
+
+        def direction(g: jax.Array, m: jax.Array, u: jax.Array) -> jax.Array:
+            dtype = _common.compute_dtype(g.dtype, m.dtype)
+            b1 = jnp.asarray(_common.as_compute_scalar(beta_1, dtype), dtype)
+            eps = _common.as_compute_scalar(epsilon, dtype)
+            bias_correction = 1 - jnp.power(b1, t.astype(dtype))
+            m, u = m.astype(dtype), u.astype(dtype)
+            return (m / (bias_correction * (u + eps))).astype(g.dtype)
+
+        return jax.tree.map(direction, updates, new_state.m, new_state.u)
+
+    return split_transformation(init_fn, advance, emit)

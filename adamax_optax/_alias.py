@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import weakref
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,13 +28,13 @@ from adamax_optax._dynamic_loss_scale import (
     dynamic_loss_scale as wrap_dynamic_loss_scale,
 )
 from adamax_optax._ema import check_ema_overwrite_frequency, parameter_ema
-from adamax_optax._fast import AccumulationPlan, register_accumulation_plan
 from adamax_optax._learning_rate import (
     LearningRate,
     check_learning_rate,
     scale_by_keras_learning_rate,
 )
 from adamax_optax._loss_scale import unscale_gradients
+from adamax_optax._split import SplitUpdate, named_chain, split_of
 from adamax_optax._weight_decay import ExcludeFromWeightDecay, decoupled_weight_decay
 
 
@@ -203,34 +203,30 @@ def adamax(
         )
 
     chain = []
-    loss_scale = None
     if loss_scale_factor is not None:
-        loss_scale = unscale_gradients(loss_scale_factor)
-        chain.append(("loss_scale", loss_scale))
+        chain.append(("loss_scale", unscale_gradients(loss_scale_factor)))
     if gradient_accumulation_steps is None:
         chain.extend(update_chain)
     else:
-        inner = optax.with_extra_args_support(optax.named_chain(*update_chain))
-        chain.append(
-            (
-                "accumulate",
-                accumulate_gradients(
-                    inner, gradient_accumulation_steps, state_dtype=state_dtype
-                ),
-            )
+        inner = named_chain(*update_chain)
+        accumulate = accumulate_gradients(
+            inner, gradient_accumulation_steps, state_dtype=state_dtype
         )
-    optimizer = optax.named_chain(*chain)
+        chain.append(("accumulate", accumulate))
+    optimizer = named_chain(*chain)
     if scaling is not None:
         optimizer = wrap_dynamic_loss_scale(optimizer, **scaling)
-    elif gradient_accumulation_steps is not None:
-        plan = AccumulationPlan(inner, gradient_accumulation_steps, loss_scale)
-        register_accumulation_plan(optimizer, plan)
-    _ARGUMENTS[optimizer.init] = arguments
-    return optimizer
+    split = split_of(optimizer)
+    update = AdamaxUpdate(split.advance, split.emit, split.ungated, arguments=arguments)
+    return optax.GradientTransformationExtraArgs(optimizer.init, update)
 
 
-_ARGUMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""The arguments each optimizer built by :func:`adamax` was built with."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdamaxUpdate(SplitUpdate):
+    """The update function of an :func:`adamax` optimizer; it keeps the
+    arguments the optimizer was built with, for :func:`get_config`."""
+
+    arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def arguments_of(optimizer: optax.GradientTransformation) -> dict[str, Any]:
@@ -239,15 +235,15 @@ def arguments_of(optimizer: optax.GradientTransformation) -> dict[str, Any]:
     Raises:
       ValueError: if ``optimizer`` was not built by :func:`adamax`.
     """
-    try:
-        return dict(_ARGUMENTS[optimizer.init])
-    except (KeyError, TypeError, AttributeError):
+    update = getattr(optimizer, "update", None)
+    if not isinstance(update, AdamaxUpdate):
         raise ValueError(
             "`get_config` needs an optimizer built by `adamax_optax.adamax(...)`; "
             f"received {type(optimizer).__name__}. (An optimizer wrapped by "
             "`optax.inject_hyperparams` or `optax.chain` has no config of its "
             "own: keep the arguments you built it with.)"
-        ) from None
+        )
+    return dict(update.arguments)
 
 
 def _dynamic_loss_scale_settings(

@@ -10,23 +10,12 @@ import optax
 from jax.typing import ArrayLike
 
 from adamax_optax import _common, _validation
-
-
-def _stateless(
-    update: Callable[[optax.Updates], optax.Updates],
-) -> optax.GradientTransformation:
-    """A transformation with no state that maps updates through ``update``."""
-
-    def update_fn(updates, state, params=None):
-        del params
-        return update(updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+from adamax_optax._split import stateless_transformation
 
 
 def _in_compute_dtype(fn: Callable[[jax.Array], jax.Array], g: jax.Array) -> jax.Array:
-    """Applies ``fn`` in float32 and returns the result in ``g``'s dtype."""
-    return fn(g.astype(_common.COMPUTE_DTYPE)).astype(g.dtype)
+    """Applies ``fn`` in ``g``'s compute dtype and returns the result in its dtype."""
+    return fn(g.astype(_common.compute_dtype(g.dtype))).astype(g.dtype)
 
 
 def _separate_read(tree: optax.Updates) -> optax.Updates:
@@ -40,7 +29,7 @@ def _separate_read(tree: optax.Updates) -> optax.Updates:
     return jax.lax.optimization_barrier(tree)
 
 
-def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformation:
+def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformationExtraArgs:
     r"""Clips each leaf to an L2 norm of at most ``clipnorm`` (Keras' ``clipnorm``).
 
     Per leaf ``g``, with ``c = clipnorm``::
@@ -53,7 +42,7 @@ def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformation:
       clipnorm: the largest L2 norm of any one leaf, > 0.
 
     Returns:
-      A stateless ``optax.GradientTransformation``.
+      A stateless ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -67,19 +56,24 @@ def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformation:
     _validation.check_positive("clipnorm", clipnorm)
 
     def clip_leaf(update: jax.Array) -> jax.Array:
-        c = _common.as_compute_scalar(clipnorm)
-        g = update.astype(_common.COMPUTE_DTYPE)
-        squares = jnp.square(_separate_read(update).astype(_common.COMPUTE_DTYPE))
+        dtype = _common.compute_dtype(update.dtype)
+        c = _common.as_compute_scalar(clipnorm, dtype)
+        g = update.astype(dtype)
+        squares = jnp.square(_separate_read(update).astype(dtype))
         l2sum = jnp.sum(squares, keepdims=True)
         nonzero = l2sum > 0
         l2sum_safe = jnp.where(nonzero, l2sum, jnp.ones_like(l2sum))
         l2norm = jnp.where(nonzero, jnp.sqrt(l2sum_safe), l2sum)
         return ((g * c) / jnp.maximum(l2norm, c)).astype(update.dtype)
 
-    return _stateless(lambda updates: jax.tree.map(clip_leaf, updates))
+    return stateless_transformation(
+        lambda updates, params: jax.tree.map(clip_leaf, updates)
+    )
 
 
-def keras_global_clipnorm(global_clipnorm: ArrayLike) -> optax.GradientTransformation:
+def keras_global_clipnorm(
+    global_clipnorm: ArrayLike,
+) -> optax.GradientTransformationExtraArgs:
     r"""Clips all leaves together to a global L2 norm of at most ``global_clipnorm``.
 
     With ``n = sqrt(sum over leaves of sum(g ** 2))`` and ``c = global_clipnorm``::
@@ -94,7 +88,7 @@ def keras_global_clipnorm(global_clipnorm: ArrayLike) -> optax.GradientTransform
       global_clipnorm: the largest global L2 norm, > 0.
 
     Returns:
-      A stateless ``optax.GradientTransformation``.
+      A stateless ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -107,21 +101,30 @@ def keras_global_clipnorm(global_clipnorm: ArrayLike) -> optax.GradientTransform
     """
     _validation.check_positive("global_clipnorm", global_clipnorm)
 
-    def clip(updates: optax.Updates) -> optax.Updates:
-        c = _common.as_compute_scalar(global_clipnorm)
-        grads = _common.to_compute(updates)
+    def clip(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:
+        del params
+        leaves = jax.tree.leaves(updates)
+        dtype = _common.compute_dtype(*(g.dtype for g in leaves))
+        c = _common.as_compute_scalar(global_clipnorm, dtype)
         squared = [
-            jnp.sum(jnp.square(g))
-            for g in jax.tree.leaves(_common.to_compute(_separate_read(updates)))
+            jnp.sum(jnp.square(g.astype(dtype)))
+            for g in jax.tree.leaves(_separate_read(updates))
         ]
-        norm = jnp.sqrt(jnp.sum(jnp.stack(squared))) if squared else jnp.float32(0)
+        norm = (
+            jnp.sqrt(jnp.sum(jnp.stack(squared))) if squared else jnp.zeros([], dtype)
+        )
         scale = c * jnp.minimum(1.0 / norm, 1.0 / c) + (norm - norm)
-        return _common.cast_like(jax.tree.map(lambda g: g * scale, grads), updates)
+        return jax.tree.map(
+            lambda g: (
+                g.astype(dtype) * scale.astype(_common.compute_dtype(g.dtype))
+            ).astype(g.dtype),
+            updates,
+        )
 
-    return _stateless(clip)
+    return stateless_transformation(clip)
 
 
-def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformation:
+def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformationExtraArgs:
     r"""Clips every element to ``[-clipvalue, clipvalue]`` (Keras' ``clipvalue``).
 
     ``g = clip(g, -v, v)`` elementwise.
@@ -130,7 +133,7 @@ def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformation:
       clipvalue: the largest absolute value of any element, > 0.
 
     Returns:
-      A stateless ``optax.GradientTransformation``.
+      A stateless ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -143,9 +146,11 @@ def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformation:
     _validation.check_positive("clipvalue", clipvalue)
 
     def clip_leaf(g: jax.Array) -> jax.Array:
-        v = _common.as_compute_scalar(clipvalue)
+        v = _common.as_compute_scalar(clipvalue, g.dtype)
         return jnp.clip(g, -v, v)
 
-    return _stateless(
-        lambda updates: jax.tree.map(lambda g: _in_compute_dtype(clip_leaf, g), updates)
+    return stateless_transformation(
+        lambda updates, params: jax.tree.map(
+            lambda g: _in_compute_dtype(clip_leaf, g), updates
+        )
     )

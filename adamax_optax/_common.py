@@ -12,20 +12,36 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 COMPUTE_DTYPE = jnp.float32
-"""Every update rule computes in float32, whatever the parameters' dtype."""
+"""The narrowest dtype any update rule computes in: float16 and bfloat16 leaves
+compute in float32, float64 leaves (under ``jax_enable_x64``) in float64."""
 
 
-def as_compute_scalar(value: ArrayLike) -> ArrayLike:
-    """A hyperparameter ready to combine with float32 arrays.
+def compute_dtype(*dtypes: DTypeLike) -> np.dtype:
+    """The dtype leaves of ``dtypes`` compute in: the widest of them and float32."""
+    return max((np.dtype(d) for d in (COMPUTE_DTYPE, *dtypes)), key=_itemsize)
+
+
+def _itemsize(dtype: np.dtype) -> int:
+    return dtype.itemsize
+
+
+def as_compute_scalar(value: ArrayLike, dtype: DTypeLike = COMPUTE_DTYPE) -> ArrayLike:
+    """A hyperparameter ready to combine with arrays computing in ``dtype``.
 
     Python numbers stay Python numbers, so that they enter the arithmetic as weakly
     typed constants exactly as Keras' do; arrays (for example the ones
-    ``optax.inject_hyperparams`` passes, possibly in bfloat16) become float32 so
-    that strict dtype promotion never sees a mixed pair.
+    ``optax.inject_hyperparams`` passes, possibly in bfloat16) are cast to
+    ``dtype`` so that strict dtype promotion never sees a mixed pair.
     """
     if isinstance(value, int | float) and not isinstance(value, bool):
         return value
-    return jnp.asarray(value).astype(COMPUTE_DTYPE)
+    return jnp.asarray(value).astype(dtype)
+
+
+def divide_in_compute(g: jax.Array, divisor: ArrayLike) -> jax.Array:
+    """``g / divisor`` computed in ``g``'s compute dtype, returned in its dtype."""
+    dtype = compute_dtype(g.dtype)
+    return (g.astype(dtype) / as_compute_scalar(divisor, dtype)).astype(g.dtype)
 
 
 def state_dtype_of(leaf: ArrayLike, state_dtype: DTypeLike | None) -> np.dtype:
@@ -45,8 +61,13 @@ def zeros_like_in(tree: Any, state_dtype: DTypeLike | None) -> Any:
 
 
 def to_compute(tree: Any) -> Any:
-    """Casts every leaf of ``tree`` to the float32 compute dtype."""
-    return jax.tree.map(lambda x: jnp.asarray(x).astype(COMPUTE_DTYPE), tree)
+    """Casts every leaf of ``tree`` to its compute dtype (see :func:`compute_dtype`)."""
+
+    def cast(x: ArrayLike) -> jax.Array:
+        x = jnp.asarray(x)
+        return x.astype(compute_dtype(x.dtype))
+
+    return jax.tree.map(cast, tree)
 
 
 def cast_like(tree: Any, reference: Any) -> Any:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from adamax_optax import _common, _validation
-from adamax_optax._loss_scale import divide_by_scale
+from adamax_optax._split import Gate, SplitUpdate, split_of
 
 
 class DynamicLossScaleState(NamedTuple):
@@ -36,11 +36,22 @@ DYNAMIC_LOSS_SCALE_DEFAULTS = {
 
 
 def all_finite(tree: Any) -> jax.Array:
-    """``True`` when every element of every leaf is finite."""
+    """``True`` when every element of every leaf is finite.
+
+    Sums ``x - x`` per leaf, which is 0 for finite elements and NaN for an
+    infinite or NaN one: a reduction that reads each gradient once, where
+    ``all(isfinite(x))`` materialises a boolean array first.
+    """
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.asarray(True)
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+    sums = [jnp.sum(_nan_if_not_finite(x)) for x in leaves]
+    return jnp.all(jnp.isfinite(jnp.stack([s.astype(jnp.float32) for s in sums])))
+
+
+def _nan_if_not_finite(x: jax.Array) -> jax.Array:
+    x = x.astype(_common.compute_dtype(x.dtype))
+    return x - x
 
 
 def check_dynamic_loss_scale_settings(
@@ -112,7 +123,7 @@ def dynamic_loss_scale(
     check_dynamic_loss_scale_settings(
         initial_scale, growth_steps, factor, min_loss_scale
     )
-    inner = optax.with_extra_args_support(inner)
+    inner_split = split_of(inner)
 
     def init_fn(params: optax.Params) -> DynamicLossScaleState:
         return DynamicLossScaleState(
@@ -121,35 +132,54 @@ def dynamic_loss_scale(
             inner_state=inner.init(params),
         )
 
-    def update_fn(
+    def inner_gate(finite: jax.Array, state: DynamicLossScaleState, gate: Gate) -> Gate:
+        """Run ``inner`` on ``g / scale`` when every gradient is finite."""
+        return gate.also(run=finite, divisor=state.loss_scale)
+
+    def advance(
         updates: optax.Updates,
         state: DynamicLossScaleState,
-        params: optax.Params | None = None,
+        params: optax.Params | None,
+        gate: Gate,
         **extra_args: Any,
-    ) -> tuple[optax.Updates, DynamicLossScaleState]:
+    ) -> DynamicLossScaleState:
         finite = all_finite(updates)
+        inner_state = inner_split.advance(
+            updates,
+            state.inner_state,
+            params,
+            inner_gate(finite, state, gate),
+            **extra_args,
+        )
         scale = state.loss_scale
-
-        def apply_inner() -> tuple[optax.Updates, optax.OptState]:
-            unscaled = divide_by_scale(updates, scale)
-            return inner.update(unscaled, state.inner_state, params, **extra_args)
-
-        def skip() -> tuple[optax.Updates, optax.OptState]:
-            return jax.tree.map(jnp.zeros_like, updates), state.inner_state
-
-        new_updates, inner_state = jax.lax.cond(finite, apply_inner, skip)
-
         f = _common.as_compute_scalar(factor)
         grown = scale * f
         grow = (state.good_steps + 1 >= growth_steps) & jnp.isfinite(grown)
         finite_scale = jnp.where(grow, grown, scale)
         finite_good_steps = jnp.where(grow, 0, state.good_steps + 1)
         backed_off = jnp.maximum(scale / f, _common.as_compute_scalar(min_loss_scale))
-        new_state = DynamicLossScaleState(
-            loss_scale=jnp.where(finite, finite_scale, backed_off).astype(scale.dtype),
-            good_steps=jnp.where(finite, finite_good_steps, 0).astype(jnp.int32),
-            inner_state=inner_state,
-        )
-        return new_updates, new_state
+        loss_scale = jnp.where(finite, finite_scale, backed_off).astype(scale.dtype)
+        good_steps = jnp.where(finite, finite_good_steps, 0).astype(jnp.int32)
+        if gate.run is not None:
+            loss_scale = jnp.where(gate.run, loss_scale, scale)
+            good_steps = jnp.where(gate.run, good_steps, state.good_steps)
+        return DynamicLossScaleState(loss_scale, good_steps, inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def emit(
+        updates: optax.Updates,
+        state: DynamicLossScaleState,
+        new_state: DynamicLossScaleState,
+        params: optax.Params | None,
+        gate: Gate,
+        **extra_args: Any,
+    ) -> optax.Updates:
+        return inner_split.emit(
+            updates,
+            state.inner_state,
+            new_state.inner_state,
+            params,
+            inner_gate(all_finite(updates), state, gate),
+            **extra_args,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, SplitUpdate(advance, emit))

@@ -10,6 +10,7 @@ import optax
 from jax.typing import ArrayLike, DTypeLike
 
 from adamax_optax import _common, _validation
+from adamax_optax._split import split_transformation
 
 
 class ParameterEMAState(NamedTuple):
@@ -41,7 +42,7 @@ def parameter_ema(
     ema_overwrite_frequency: int | None = None,
     *,
     state_dtype: DTypeLike | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Tracks a moving average of the parameters; can overwrite them with it.
 
     Put it last in a chain, so that ``w_new = params + updates`` are the
@@ -62,7 +63,7 @@ def parameter_ema(
       state_dtype: dtype of the average; ``None`` keeps each parameter's dtype.
 
     Returns:
-      An ``optax.GradientTransformation`` that needs ``params``.
+      An ``optax.GradientTransformationExtraArgs`` that needs ``params``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -89,40 +90,49 @@ def parameter_ema(
         )
         return ParameterEMAState(count=jnp.zeros([], jnp.int32), ema=ema)
 
-    def update_fn(
+    def advance(
         updates: optax.Updates,
         state: ParameterEMAState,
         params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, ParameterEMAState]:
+    ) -> ParameterEMAState:
         _common.require_params(params, "parameter_ema")
-        new_params = _common.to_compute(optax.apply_updates(params, updates))
-        momentum = jnp.where(
-            state.count == 0,
-            jnp.zeros([], _common.COMPUTE_DTYPE),
-            jnp.asarray(_common.as_compute_scalar(ema_momentum), _common.COMPUTE_DTYPE),
-        )
-        ema = jax.tree.map(
-            lambda e, w: momentum * e + (1 - momentum) * w,
-            _common.to_compute(state.ema),
-            new_params,
-        )
-        if ema_overwrite_frequency is not None:
-            overwrite = (state.count + 1) % ema_overwrite_frequency == 0
-            updates = jax.tree.map(
-                lambda u, e, p: jnp.where(
-                    overwrite, (e - p.astype(_common.COMPUTE_DTYPE)).astype(u.dtype), u
-                ),
-                updates,
-                ema,
-                params,
-            )
-        new_state = ParameterEMAState(
-            count=optax.safe_increment(state.count),
-            ema=_common.cast_like(ema, state.ema),
-        )
-        return updates, new_state
+        first = state.count == 0
 
-    return optax.GradientTransformation(init_fn, update_fn)
+        def average(e: jax.Array, w: jax.Array, u: jax.Array) -> jax.Array:
+            new_w = optax.apply_updates(w, u)
+            dtype = _common.compute_dtype(e.dtype, new_w.dtype)
+            momentum = jnp.where(
+                first,
+                jnp.zeros([], dtype),
+                jnp.asarray(_common.as_compute_scalar(ema_momentum, dtype), dtype),
+            )
+            average = momentum * e.astype(dtype) + (1 - momentum) * new_w.astype(dtype)
+            return average.astype(e.dtype)
+
+        return ParameterEMAState(
+            count=optax.safe_increment(state.count),
+            ema=jax.tree.map(average, state.ema, params, updates),
+        )
+
+    def emit(
+        updates: optax.Updates,
+        state: ParameterEMAState,
+        new_state: ParameterEMAState,
+        params: optax.Params | None = None,
+    ) -> optax.Updates:
+        if ema_overwrite_frequency is None:
+            return updates
+        _common.require_params(params, "parameter_ema")
+        overwrite = (state.count + 1) % ema_overwrite_frequency == 0
+
+        def overwritten(u: jax.Array, e: jax.Array, w: jax.Array) -> jax.Array:
+            dtype = _common.compute_dtype(e.dtype, w.dtype)
+            jump = (e.astype(dtype) - w.astype(dtype)).astype(u.dtype)
+            return jnp.where(overwrite, jump, u)
+
+        return jax.tree.map(overwritten, updates, new_state.ema, params)
+
+    return split_transformation(init_fn, advance, emit)
 
 
 def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) -> Any:

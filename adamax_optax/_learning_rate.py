@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from adamax_optax import _common, _validation
+from adamax_optax._split import split_transformation
 
 LearningRate = float | int | jax.Array | Callable[..., Any]
 """A number, a schedule ``count -> rate`` (optax or Keras), or ``() -> rate``."""
@@ -50,8 +51,11 @@ def check_learning_rate(learning_rate: Any) -> None:
 
 def as_update_schedule(
     learning_rate: LearningRate, steps_per_update: int | jax.Array = 1
-) -> Callable[[jax.Array], jax.Array]:
-    """Normalises ``learning_rate`` into a function of the 0-based update count.
+) -> Callable[..., jax.Array]:
+    """Normalises ``learning_rate`` into ``(count, dtype=float32) -> rate``.
+
+    ``count`` is the 0-based update count; ``dtype`` the dtype of the rate (a
+    constant rate is exact in float64 for float64 parameters).
 
     A schedule is evaluated where Keras evaluates it: at its micro-step counter,
     which for update ``k`` with ``N`` accumulation steps is ``k * N + N - 1``.
@@ -59,20 +63,22 @@ def as_update_schedule(
     when the step is traced).
     """
     if not callable(learning_rate):
-        return lambda count: jnp.asarray(
-            _common.as_compute_scalar(learning_rate), _common.COMPUTE_DTYPE
+        return lambda count, dtype=_common.COMPUTE_DTYPE: jnp.asarray(
+            _common.as_compute_scalar(learning_rate, dtype), dtype
         )
     if _takes_no_arguments(learning_rate):
-        return lambda count: jnp.asarray(learning_rate(), _common.COMPUTE_DTYPE)
+        return lambda count, dtype=_common.COMPUTE_DTYPE: jnp.asarray(
+            learning_rate(), dtype
+        )
 
-    def schedule(count: jax.Array) -> jax.Array:
+    def schedule(count: jax.Array, dtype: Any = _common.COMPUTE_DTYPE) -> jax.Array:
         step = count * steps_per_update + (steps_per_update - 1)
         # Schedules from optax and Keras mix Python floats with the int32 step;
         # they are not written for strict promotion, so they run under the
         # standard rules and their result is cast explicitly.
         with jax.numpy_dtype_promotion("standard"):
             rate = learning_rate(step)
-        return jnp.asarray(rate).astype(_common.COMPUTE_DTYPE)
+        return jnp.asarray(rate).astype(dtype)
 
     return schedule
 
@@ -81,7 +87,7 @@ def scale_by_keras_learning_rate(
     learning_rate: LearningRate = 0.001,
     *,
     steps_per_update: int = 1,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Multiplies updates by ``-learning_rate``, with Keras' schedule semantics.
 
     ``updates = -lr(k) * updates`` where ``k`` is the 0-based number of updates
@@ -103,7 +109,7 @@ def scale_by_keras_learning_rate(
         ``gradient_accumulation_steps``), for evaluating schedules.
 
     Returns:
-      An ``optax.GradientTransformation``.
+      An ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -123,20 +129,32 @@ def scale_by_keras_learning_rate(
     def init_fn(params: optax.Params) -> ScaleByKerasLearningRateState:
         del params
         count = jnp.zeros([], jnp.int32)
-        return ScaleByKerasLearningRateState(count, schedule(count))
+        # A copy: a constant rate passed in by ``optax.inject_hyperparams`` must
+        # not be the same buffer as its hyperparameter (donation would fail).
+        return ScaleByKerasLearningRateState(count, jnp.array(schedule(count)))
 
-    def update_fn(
+    def advance(
         updates: optax.Updates,
         state: ScaleByKerasLearningRateState,
         params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, ScaleByKerasLearningRateState]:
-        del params
-        rate = schedule(state.count)
-        updates = jax.tree.map(
-            lambda u: (-rate * u.astype(_common.COMPUTE_DTYPE)).astype(u.dtype),
-            updates,
-        )
+    ) -> ScaleByKerasLearningRateState:
+        del updates, params
         count = optax.safe_increment(state.count)
-        return updates, ScaleByKerasLearningRateState(count, schedule(count))
+        return ScaleByKerasLearningRateState(count, schedule(count))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    def emit(
+        updates: optax.Updates,
+        state: ScaleByKerasLearningRateState,
+        new_state: ScaleByKerasLearningRateState,
+        params: optax.Params | None = None,
+    ) -> optax.Updates:
+        del new_state, params
+
+        def scale(u: jax.Array) -> jax.Array:
+            dtype = _common.compute_dtype(u.dtype)
+            rate = schedule(state.count, dtype)
+            return (-rate * u.astype(dtype)).astype(u.dtype)
+
+        return jax.tree.map(scale, updates)
+
+    return split_transformation(init_fn, advance, emit)

@@ -10,6 +10,7 @@ import optax
 from jax.typing import ArrayLike
 
 from adamax_optax import _common, _validation
+from adamax_optax._split import Gate, split_transformation
 
 
 class StaticLossScaleState(NamedTuple):
@@ -23,25 +24,24 @@ class StaticLossScaleState(NamedTuple):
     loss_scale: jax.Array
 
 
-def divide_by_scale(grads: optax.Updates, scale: ArrayLike) -> optax.Updates:
-    """``g / scale`` for every leaf, computed in float32, kept in ``g``'s dtype."""
-    return jax.tree.map(
-        lambda g: (g.astype(_common.COMPUTE_DTYPE) / scale).astype(g.dtype), grads
-    )
-
-
-def unscale_gradients(loss_scale_factor: ArrayLike) -> optax.GradientTransformation:
+def unscale_gradients(
+    loss_scale_factor: ArrayLike,
+) -> optax.GradientTransformationExtraArgs:
     r"""Divides gradients by a fixed loss scale (Keras' ``loss_scale_factor``).
 
     Multiply the loss by ``loss_scale_factor`` before differentiating; this block
     undoes it: ``g = g / loss_scale_factor``. It runs on every call, before
     gradient accumulation, as Keras does.
 
+    In front of gradient accumulation inside :func:`adamax` the division happens
+    inside the accumulation's loops, fused with the sum, rather than into a
+    gradient-sized temporary.
+
     Args:
       loss_scale_factor: the factor the loss was multiplied by, > 0.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state records the factor.
+      An ``optax.GradientTransformationExtraArgs`` whose state records the factor.
 
     Example:
       >>> import jax.numpy as jnp
@@ -61,13 +61,14 @@ def unscale_gradients(loss_scale_factor: ArrayLike) -> optax.GradientTransformat
         del params
         return current_state()
 
-    def update_fn(
-        updates: optax.Updates,
-        state: StaticLossScaleState,
-        params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, StaticLossScaleState]:
-        del params, state
-        scale = _common.as_compute_scalar(loss_scale_factor)
-        return divide_by_scale(updates, scale), current_state()
+    def advance(updates, state, params=None):
+        del updates, state, params
+        return current_state()
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    def emit(updates, state, new_state, params=None):
+        del state, params
+        return Gate(divisor=new_state.loss_scale).divide(updates)
+
+    return split_transformation(
+        init_fn, advance, emit, divisor=lambda state: current_state().loss_scale
+    )

@@ -11,6 +11,7 @@ import optax
 from jax.typing import ArrayLike
 
 from adamax_optax import _common, _validation
+from adamax_optax._split import stateless_transformation
 
 ExcludeFromWeightDecay = str | Sequence[str] | Any | Callable[[Any], Any] | None
 """Patterns, a pytree of bools (``True`` = excluded), or ``params -> such a tree``."""
@@ -74,7 +75,7 @@ def decoupled_weight_decay(
     weight_decay: ArrayLike,
     *,
     exclude_from_weight_decay: ExcludeFromWeightDecay = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Adds ``weight_decay * w`` to the update direction (Keras' ``weight_decay``).
 
     Keras applies ``w = w - w * weight_decay * lr`` just before the optimizer
@@ -96,7 +97,7 @@ def decoupled_weight_decay(
       exclude_from_weight_decay: which leaves not to decay.
 
     Returns:
-      A stateless ``optax.GradientTransformation`` that needs ``params``.
+      A stateless ``optax.GradientTransformationExtraArgs`` that needs ``params``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -114,18 +115,12 @@ def decoupled_weight_decay(
     def decay_leaf(is_excluded: bool, u: jax.Array, w: jax.Array) -> jax.Array:
         if is_excluded:
             return u
-        wd = _common.as_compute_scalar(weight_decay)
-        u32 = u.astype(_common.COMPUTE_DTYPE)
-        return (u32 + wd * w.astype(_common.COMPUTE_DTYPE)).astype(u.dtype)
+        dtype = _common.compute_dtype(u.dtype, w.dtype)
+        wd = _common.as_compute_scalar(weight_decay, dtype)
+        return (u.astype(dtype) + wd * w.astype(dtype)).astype(u.dtype)
 
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.EmptyState,
-        params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, optax.EmptyState]:
+    def decay(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:
         _common.require_params(params, "decoupled_weight_decay")
-        mask = excluded(params)
-        updates = jax.tree.map(decay_leaf, mask, updates, params)
-        return updates, state
+        return jax.tree.map(decay_leaf, excluded(params), updates, params)
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return stateless_transformation(decay)

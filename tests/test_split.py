@@ -1,0 +1,203 @@
+"""One code path: ``tx.update`` itself compiles to the no-copy form, wrapped or not.
+
+A training step that calls ``tx.update`` and ``optax.apply_updates`` under
+``jax.jit`` with the parameters and state donated (the Flax ``TrainState`` and
+``nnx.Optimizer`` way) must update every buffer in place: XLA's buffer assignment
+holds no temporary the size of a leaf and its program no copy of one, on a
+micro-step, on an update step and on a skipped step alike.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from adamax_optax import accumulate_gradients, adamax, dynamic_loss_scale, jit_apply
+from tests.conftest import make_problem
+from tests.reference import ReferenceAdamax
+
+SHAPES = {"w": (256, 1024), "b": (128, 1024)}
+SMALLEST_LEAF_BYTES = 128 * 1024 * 4
+
+ACCUMULATE = dict(gradient_accumulation_steps=4)
+EVERY_OPTION = dict(
+    gradient_accumulation_steps=4,
+    weight_decay=0.01,
+    global_clipnorm=1.0,
+    use_ema=True,
+    ema_overwrite_frequency=3,
+)
+
+
+def inject(**options):
+    return optax.inject_hyperparams(
+        adamax, static_args=("gradient_accumulation_steps",)
+    )(learning_rate=1e-3, **options)
+
+
+WRAPPED = {
+    "bare": lambda: adamax(**ACCUMULATE),
+    "every option": lambda: adamax(**EVERY_OPTION),
+    "loss_scale_factor": lambda: adamax(loss_scale_factor=3.0, **EVERY_OPTION),
+    "dynamic_loss_scale": lambda: adamax(dynamic_loss_scale=True, **EVERY_OPTION),
+    "chain(identity, tx)": lambda: optax.chain(optax.identity(), adamax(**ACCUMULATE)),
+    "chain(identity, tx, scale)": lambda: optax.chain(
+        optax.identity(), adamax(**ACCUMULATE), optax.scale(0.5)
+    ),
+    "inject_hyperparams": lambda: inject(**ACCUMULATE),
+    "dynamic_loss_scale(accumulate_gradients(...))": lambda: dynamic_loss_scale(
+        accumulate_gradients(adamax(weight_decay=0.01), 3)
+    ),
+    "no accumulation, clip+decay+EMA": lambda: adamax(
+        weight_decay=0.01, global_clipnorm=1.0, use_ema=True, loss_scale_factor=3.0
+    ),
+}
+
+
+def donated_step(tx):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def assert_no_leaf_sized_copy(compiled):
+    assert compiled.memory_analysis().temp_size_in_bytes < SMALLEST_LEAF_BYTES
+    leaf_copy = re.compile(r"= f32\[(256|128),1024\]\{[0-9,]*\} copy\(")
+    assert not leaf_copy.search(compiled.as_text())
+
+
+@pytest.mark.parametrize("name", WRAPPED)
+def test_update_compiles_to_in_place_form(name):
+    tx = WRAPPED[name]()
+    params = {k: jnp.ones(s) for k, s in SHAPES.items()}
+    compiled = donated_step(tx).lower(params, tx.init(params), params).compile()
+    assert_no_leaf_sized_copy(compiled)
+
+
+def test_flax_train_state_step_compiles_to_in_place_form():
+    from flax.training import train_state
+
+    tx = adamax(**EVERY_OPTION)
+    params = {k: jnp.ones(s) for k, s in SHAPES.items()}
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+
+    def step(state, grads):
+        return state.apply_gradients(grads=grads)
+
+    compiled = jax.jit(step, donate_argnums=0).lower(state, params).compile()
+    assert_no_leaf_sized_copy(compiled)
+
+
+def test_nnx_optimizer_step_compiles_to_in_place_form():
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones(SHAPES["w"]))
+            self.b = nnx.Param(jnp.ones(SHAPES["b"]))
+
+    model = Model()
+    optimizer = nnx.Optimizer(model, adamax(**EVERY_OPTION), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state, grads):
+        model, optimizer = nnx.merge(graphdef, state)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer))
+
+    grads = nnx.state(model, nnx.Param)
+    compiled = jax.jit(step, donate_argnums=0).lower(state, grads).compile()
+    assert_no_leaf_sized_copy(compiled)
+
+
+def run(tx, params, grads):
+    """Feeds ``grads`` through a donated step; ``params`` is left intact."""
+    step = donated_step(tx)
+    params = jax.tree.map(jnp.array, params)
+    state = tx.init(params)
+    for g in grads:
+        params, state = step(params, state, g)
+    return params
+
+
+@pytest.mark.parametrize(
+    "name", ["chain(identity, tx)", "inject_hyperparams", "dynamic_loss_scale"]
+)
+def test_wrapped_optimizer_moves_as_the_bare_one(name):
+    """The wrappers change nothing (an injected rate is a float32 array rather
+    than a Python float, which can move the last bit). Dynamic loss scaling gets
+    the gradients times its initial scale, a power of two: exact."""
+    params, grads = make_problem(steps=11)
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    bare = dict(EVERY_OPTION) if name == "dynamic_loss_scale" else dict(ACCUMULATE)
+    want = run(adamax(**bare), params, grads)
+    if name == "dynamic_loss_scale":
+        grads = [{k: v * 2.0**15 for k, v in g.items()} for g in grads]
+    got = run(WRAPPED[name](), params, grads)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-7, atol=1e-8)
+
+
+def test_accumulate_gradients_of_a_foreign_transformation():
+    """An inner optax optimizer keeps its own numbers: optax.MultiSteps'."""
+    params, grads = make_problem(steps=9)
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    with jax.numpy_dtype_promotion("standard"):  # optax's own code
+        got = run(accumulate_gradients(optax.adam(0.01), 3), params, grads)
+        multi = optax.MultiSteps(optax.adam(0.01), 3).gradient_transformation()
+        want = run(multi, params, grads)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7)
+
+
+def test_jit_apply_takes_multisteps():
+    params, grads = make_problem(steps=6)
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    multi = optax.MultiSteps(optax.sgd(0.1), 2)
+    got = jax.tree.map(jnp.array, params)
+    state = multi.init(got)
+    apply = jit_apply(multi)
+    with jax.numpy_dtype_promotion("standard"):  # optax's own code
+        for g in grads:
+            got, state = apply(got, state, g)
+    # Three updates, each with the mean of a pair of gradients.
+    want = {
+        k: params[k] - 0.1 * sum((grads[i][k] + grads[i + 1][k]) / 2 for i in (0, 2, 4))
+        for k in params
+    }
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(weight_decay=0.01, global_clipnorm=1.0, use_ema=True), ACCUMULATE],
+    ids=["defaults", "clip+decay+EMA", "accumulation"],
+)
+def test_float64_parameters_compute_in_float64(options):
+    """50 steps in float64 stay within float64 rounding of the NumPy reference;
+    computing in float32 would leave them about 1e-8 away."""
+    params, grads = make_problem(steps=50)
+    with jax.enable_x64(True):
+        tx = adamax(0.01, **options)
+        ours = {k: jnp.asarray(v, jnp.float64) for k, v in params.items()}
+        state = tx.init(ours)
+        update = jax.jit(tx.update)
+        for g in grads:
+            g64 = {k: jnp.asarray(v, jnp.float64) for k, v in g.items()}
+            updates, state = update(g64, state, ours)
+            ours = optax.apply_updates(ours, updates)
+        assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(state) if v.ndim)
+    reference = ReferenceAdamax(params, learning_rate=0.01, **options)
+    for g in grads:
+        reference.step({k: np.asarray(v, np.float64) for k, v in g.items()})
+    for key in params:
+        error = np.max(np.abs(np.asarray(ours[key]) - reference.params[key]))
+        assert error < 1e-12, (key, error)
