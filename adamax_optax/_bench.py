@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adamax_optax._accumulation import AccumulateGradientsState
 from adamax_optax._alias import adamax
+from adamax_optax._common import find_states
 from adamax_optax._fast import jit_apply
 
 FULL_OPTIONS = dict(global_clipnorm=1.0, weight_decay=1e-3, use_ema=True)
@@ -39,7 +41,8 @@ class Case:
     step: Callable[..., Any]
     state: Any
     grads: Any
-    phase: Callable[[Any], int] | None = None  # micro-step index, for accumulation
+    # The micro-step index of (params, state), for accumulation.
+    phase: Callable[[Any], int] | None = None
     wanted_phase: int | None = None
     peer: str | None = None
 
@@ -183,9 +186,7 @@ def build_cases(total: int, leaves: int, dtype: Any) -> Iterator[Case]:
     def ours(name, words, phase=None, **options):
         tx = adamax(**options)
         params = make_tree(total, leaves, dtype, 1.0)
-        phase_of = (
-            (lambda s: int(s["accumulate"].mini_step)) if phase is not None else None
-        )
+        phase_of = mini_step_of if phase is not None else None
         return Case(
             name,
             words,
@@ -198,7 +199,7 @@ def build_cases(total: int, leaves: int, dtype: Any) -> Iterator[Case]:
 
     def theirs(name, words, tx, phase=None, peer=None):
         params = make_tree(total, leaves, dtype, 1.0)
-        phase_of = (lambda s: int(s.mini_step)) if phase is not None else None
+        phase_of = (lambda ps: int(ps[1].mini_step)) if phase is not None else None
         return Case(
             name,
             words,
@@ -251,6 +252,7 @@ def build_cases(total: int, leaves: int, dtype: Any) -> Iterator[Case]:
         steps - 1,
         peer="adamax_optax accumulation update step",
     )
+    yield from wrapped_cases(total, leaves, dtype, grads)
     keras = keras_step(make_tree(total, leaves, dtype, 1.0))
     if keras is not None:
         run, opt_vars = keras
@@ -262,6 +264,115 @@ def build_cases(total: int, leaves: int, dtype: Any) -> Iterator[Case]:
             grads,
             peer="adamax_optax defaults",
         )
+
+
+def mini_step_of(tree: Any) -> int:
+    """The accumulation's micro-step index, found anywhere in ``tree`` (also in
+    the flattened state of ``nnx.split``, where it is a path ending in it)."""
+    found = find_states(tree, AccumulateGradientsState)
+    if found:
+        return int(found[0].mini_step)
+    (value,) = [
+        leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if "mini_step" in jax.tree_util.keystr(path)
+    ]
+    return int(value)
+
+
+def wrapped_cases(total: int, leaves: int, dtype: Any, grads: Any) -> Iterator[Case]:
+    """Accumulation (N = 4) through the forms users wrap ``adamax`` in, each a
+    jitted ``tx.update`` + ``optax.apply_updates`` with its buffers donated."""
+    steps = ACCUMULATION
+    accumulate = dict(gradient_accumulation_steps=steps)
+    forms: dict[str, Callable[[], Any]] = {
+        "chain(identity, adamax)": lambda: optax.chain(
+            optax.identity(), adamax(**accumulate)
+        ),
+        "inject_hyperparams(adamax)": lambda: optax.inject_hyperparams(
+            adamax, static_args=("gradient_accumulation_steps",)
+        )(learning_rate=1e-3, **accumulate),
+        "adamax(dynamic_loss_scale=True)": lambda: adamax(
+            dynamic_loss_scale=True, **accumulate
+        ),
+    }
+    for form, make in forms.items():
+        for phase, label, words in (
+            (0, "micro-step", 5),
+            (steps - 1, "update step", 9),
+        ):
+            tx = make()
+            params = make_tree(total, leaves, dtype, 1.0)
+            yield Case(
+                f"{form} {label}",
+                words,
+                donated(tx),
+                (params, tx.init(params)),
+                grads,
+                mini_step_of,
+                phase,
+                peer=f"adamax_optax accumulation {label}",
+            )
+    try:
+        from flax.training import train_state
+    except ImportError:
+        print(
+            "skipped the Flax TrainState and nnx.Optimizer cases: flax is not installed"
+        )
+        return
+    for phase, label, words in ((0, "micro-step", 5), (steps - 1, "update step", 9)):
+        params = make_tree(total, leaves, dtype, 1.0)
+        state = train_state.TrainState.create(
+            apply_fn=None, params=params, tx=adamax(**accumulate)
+        )
+        step = jax.jit(
+            lambda state, unused, grads: (state.apply_gradients(grads=grads), unused),
+            donate_argnums=0,
+        )
+        yield Case(
+            f"Flax TrainState {label}",
+            words,
+            step,
+            (state, jnp.zeros([])),
+            grads,
+            mini_step_of,
+            phase,
+            peer=f"adamax_optax accumulation {label}",
+        )
+    for phase, label, words in ((0, "micro-step", 5), (steps - 1, "update step", 9)):
+        model = make_tree(total, leaves, dtype, 1.0)
+        yield nnx_case(model, accumulate, grads, f"nnx.Optimizer {label}", words, phase)
+
+
+def nnx_case(model, options, grads, name, words, phase) -> Case:
+    """An ``nnx.Optimizer`` step on a module holding ``model``'s leaves."""
+    from flax import nnx
+
+    class Holder(nnx.Module):
+        def __init__(self, tree):
+            self.leaves = nnx.data({k: nnx.Param(v) for k, v in tree.items()})
+
+    holder = Holder(model)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), nnx.state(holder, nnx.Param))
+    optimizer = nnx.Optimizer(holder, adamax(**options), wrt=nnx.Param)
+    graphdef, state = nnx.split((holder, optimizer))
+    del holder, optimizer
+
+    def step(state, unused, grads):
+        holder, optimizer = nnx.merge(graphdef, state)
+        optimizer.update(holder, grads)
+        return nnx.state((holder, optimizer)), unused
+
+    return Case(
+        name,
+        words,
+        jax.jit(step, donate_argnums=0),
+        (state, jnp.zeros([])),
+        grads,
+        mini_step_of,
+        phase,
+        peer=f"adamax_optax accumulation {name.split(' ', 1)[1]}",
+    )
 
 
 def compile_case(case: Case, total_bytes: int) -> float | None:
@@ -295,7 +406,7 @@ def time_case(case: Case, repeats: int) -> tuple[float, float]:
     first = time.perf_counter() - start
     times = []
     while len(times) < repeats:
-        if case.phase is not None and case.phase(state) != case.wanted_phase:
+        if case.phase is not None and case.phase((params, state)) != case.wanted_phase:
             params, state = case.step(params, state, case.grads)
             continue
         jax.block_until_ready((params, state))

@@ -83,3 +83,18 @@ def test_compile_time_rows(result):
         "adamax_optax every option + accumulation",
     ]
     assert all(r["compile_s"] > 0 for r in result["compile"])
+
+
+def test_wrapped_forms_update_in_place(result):
+    """Accumulation through optax.chain, inject_hyperparams, dynamic loss
+    scaling, a Flax TrainState and an nnx.Optimizer: no second copy either."""
+    forms = ("chain(", "inject_hyperparams(", "adamax(dynamic", "Flax", "nnx")
+    wrapped = [
+        r
+        for r in result["rows"]
+        if r["case"].startswith(forms) and r["dtype"] == "float32"
+    ]
+    assert len(wrapped) == 10
+    for row in wrapped:
+        assert row["words"] == (5 if "micro-step" in row["case"] else 9)
+        assert row["peak_over_p_s_g"] <= 1.1, row
