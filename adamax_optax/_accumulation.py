@@ -105,6 +105,17 @@ def accumulate_gradients(
     is Keras' ``gradient_accumulation_steps``; unlike ``optax.MultiSteps`` the
     inner update is not computed on micro-steps.
 
+    Cost: a micro-step adds ``g`` into the accumulator inside a ``fori_loop`` of
+    0 or 1 trips and returns ``where(False, ..., 0)``, which XLA fuses into the
+    caller's ``optax.apply_updates``; the inner state is neither copied nor
+    recomputed. The update step advances the inner state in a second such loop
+    and computes the updates from the new state outside it (the two phases of
+    every transformation of this package). In a jitted step that donates the
+    parameters and the state this holds for any caller of ``update``: a Flax
+    ``TrainState``, an ``nnx.Optimizer``, ``optax.chain``. An ``inner`` not built
+    from this package's blocks has its updates recomputed from its old state
+    outside the loop, which keeps a copy of that state.
+
     Args:
       inner: the transformation to apply once per group.
       gradient_accumulation_steps: ``N``, an integer >= 2.

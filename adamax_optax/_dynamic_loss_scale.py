@@ -97,6 +97,8 @@ def dynamic_loss_scale(
       scale becomes ``max(s / factor, min_loss_scale)``.
 
     Keras has no floor (``min_loss_scale``); jmp does. The defaults are Keras'.
+    A skipped step copies nothing: ``inner`` advances inside a loop of 0 or 1
+    trips and its updates are selected to zero (see :func:`accumulate_gradients`).
 
     Args:
       inner: the transformation to protect.
