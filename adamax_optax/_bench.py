@@ -290,7 +290,9 @@ def wrapped_cases(total: int, leaves: int, dtype: Any, grads: Any) -> Iterator[C
             optax.identity(), adamax(**accumulate)
         ),
         "inject_hyperparams(adamax)": lambda: optax.inject_hyperparams(
-            adamax, static_args=("gradient_accumulation_steps",)
+            adamax,
+            static_args=("gradient_accumulation_steps",),
+            hyperparam_dtype=jnp.float32,  # beta_2 = 0.999 is 1.0 in bfloat16
         )(learning_rate=1e-3, **accumulate),
         "adamax(dynamic_loss_scale=True)": lambda: adamax(
             dynamic_loss_scale=True, **accumulate
