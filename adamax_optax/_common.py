@@ -60,16 +60,6 @@ def zeros_like_in(tree: Any, state_dtype: DTypeLike | None) -> Any:
     )
 
 
-def to_compute(tree: Any) -> Any:
-    """Casts every leaf of ``tree`` to its compute dtype (see :func:`compute_dtype`)."""
-
-    def cast(x: ArrayLike) -> jax.Array:
-        x = jnp.asarray(x)
-        return x.astype(compute_dtype(x.dtype))
-
-    return jax.tree.map(cast, tree)
-
-
 def cast_like(tree: Any, reference: Any) -> Any:
     """Casts each leaf of ``tree`` to the dtype of its twin in ``reference``."""
     return jax.tree.map(lambda x, r: x.astype(jnp.result_type(r)), tree, reference)
