@@ -27,6 +27,8 @@ from adamax_optax._accumulation import AccumulateGradientsState
 from adamax_optax._alias import adamax
 from adamax_optax._common import find_states
 from adamax_optax._fast import jit_apply
+from adamax_optax._models import MODELS
+from adamax_optax._train_bench import print_rows, run_model
 
 FULL_OPTIONS = dict(global_clipnorm=1.0, weight_decay=1e-3, use_ema=True)
 ACCUMULATION = 4
@@ -343,11 +345,12 @@ def wrapped_cases(total: int, leaves: int, dtype: Any, grads: Any) -> Iterator[C
         )
     for phase, label, words in ((0, "micro-step", 5), (steps - 1, "update step", 9)):
         model = make_tree(total, leaves, dtype, 1.0)
-        yield nnx_case(model, accumulate, grads, f"nnx.Optimizer {label}", words, phase)
+        yield nnx_case(model, accumulate, label, words, phase)
 
 
-def nnx_case(model, options, grads, name, words, phase) -> Case:
-    """An ``nnx.Optimizer`` step on a module holding ``model``'s leaves."""
+def nnx_case(model, options, label, words, phase) -> Case:
+    """An ``nnx.Optimizer`` step on a module holding ``model``'s leaves, fed
+    gradients of 0.5 shaped as ``nnx.state(module, nnx.Param)``."""
     from flax import nnx
 
     class Holder(nnx.Module):
@@ -366,14 +369,14 @@ def nnx_case(model, options, grads, name, words, phase) -> Case:
         return nnx.state((holder, optimizer)), unused
 
     return Case(
-        name,
+        f"nnx.Optimizer {label}",
         words,
         jax.jit(step, donate_argnums=0),
         (state, jnp.zeros([])),
         grads,
         mini_step_of,
         phase,
-        peer=f"adamax_optax accumulation {name.split(' ', 1)[1]}",
+        peer=f"adamax_optax accumulation {label}",
     )
 
 
@@ -582,6 +585,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1000,
         help="leaves of the compile-time tree (0 skips it)",
     )
+    parser.add_argument(
+        "--train-models",
+        nargs="*",
+        default=[],
+        choices=sorted(MODELS),
+        help="also compile and time whole training steps of these models "
+        "(mlp: 1000 leaves, resnet: ResNet-50-like, gpt: GPT-2-small-like)",
+    )
     parser.add_argument("--json", default="bench_results.json")
     parser.add_argument("--plot", default=None, help="PNG path")
 
@@ -606,6 +617,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for row in compiled:
         name, seconds = row["case"], row["compile_s"]
         print(f"compile, {row['leaves']} leaves: {name:42s} {seconds:.1f} s")
+    train_steps = [row for name in args.train_models for row in run_model(name, 3)]
+    if train_steps:
+        print_rows(train_steps)
     result = dict(
         device=str(jax.devices()[0]),
         device_kind=jax.devices()[0].device_kind,
@@ -613,6 +627,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bandwidth_gb_s=bandwidth / 1e9,
         rows=rows,
         compile=compiled,
+        train_steps=train_steps,
     )
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
