@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
@@ -128,11 +129,15 @@ def scale_by_keras_adamax(
         del params
         t = state.count + 1
 
+        @_common.per_dtype
+        def scalars(dtype: np.dtype) -> tuple[jax.Array, ArrayLike]:
+            b1 = jnp.asarray(_common.as_compute_scalar(beta_1, dtype), dtype)
+            bias_correction = 1 - jnp.power(b1, t.astype(dtype))
+            return bias_correction, _common.as_compute_scalar(epsilon, dtype)
+
         def direction(g: jax.Array, m: jax.Array, u: jax.Array) -> jax.Array:
             dtype = _common.compute_dtype(g.dtype, m.dtype)
-            b1 = jnp.asarray(_common.as_compute_scalar(beta_1, dtype), dtype)
-            eps = _common.as_compute_scalar(epsilon, dtype)
-            bias_correction = 1 - jnp.power(b1, t.astype(dtype))
+            bias_correction, eps = scalars(dtype)
             m, u = m.astype(dtype), u.astype(dtype)
             return (m / (bias_correction * (u + eps))).astype(g.dtype)
 

@@ -24,9 +24,18 @@ def _separate_read(tree: optax.Updates) -> optax.Updates:
     XLA would otherwise share one float32 convert of a low-precision gradient
     between the reduction and the elementwise update, and, on CPU, materialise
     it as a full-size temporary; behind the barrier each consumer converts on
-    the fly. The barrier compiles to nothing.
+    the fly. The barrier compiles to nothing. Leaves already in their compute
+    dtype have no convert to share and stay out of it.
     """
-    return jax.lax.optimization_barrier(tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    converted = [
+        i for i, g in enumerate(leaves) if g.dtype != _common.compute_dtype(g.dtype)
+    ]
+    if converted:
+        separate = jax.lax.optimization_barrier([leaves[i] for i in converted])
+        for i, g in zip(converted, separate, strict=True):
+            leaves[i] = g
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformationExtraArgs:

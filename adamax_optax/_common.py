@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -42,6 +43,17 @@ def divide_in_compute(g: jax.Array, divisor: ArrayLike) -> jax.Array:
     """``g / divisor`` computed in ``g``'s compute dtype, returned in its dtype."""
     dtype = compute_dtype(g.dtype)
     return (g.astype(dtype) / as_compute_scalar(divisor, dtype)).astype(g.dtype)
+
+
+def per_dtype(scalars: Callable[[np.dtype], Any]) -> Callable[[np.dtype], Any]:
+    """``scalars`` computed once per compute dtype, for all the leaves of one call.
+
+    Scalars such as a bias correction or a learning rate are the same for every
+    leaf of a dtype; computing them once keeps the traced program, and so the
+    compile time, from growing by their cost per leaf. Make the cached function
+    inside the update, so that nothing traced outlives the trace.
+    """
+    return functools.cache(scalars)
 
 
 def state_dtype_of(leaf: ArrayLike, state_dtype: DTypeLike | None) -> np.dtype:

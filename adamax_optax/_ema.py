@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
@@ -98,14 +99,15 @@ def parameter_ema(
         _common.require_params(params, "parameter_ema")
         first = state.count == 0
 
+        @_common.per_dtype
+        def momentum_in(dtype: np.dtype) -> jax.Array:
+            momentum = _common.as_compute_scalar(ema_momentum, dtype)
+            return jnp.where(first, jnp.zeros([], dtype), jnp.asarray(momentum, dtype))
+
         def average(e: jax.Array, w: jax.Array, u: jax.Array) -> jax.Array:
             new_w = optax.apply_updates(w, u)
             dtype = _common.compute_dtype(e.dtype, new_w.dtype)
-            momentum = jnp.where(
-                first,
-                jnp.zeros([], dtype),
-                jnp.asarray(_common.as_compute_scalar(ema_momentum, dtype), dtype),
-            )
+            momentum = momentum_in(dtype)
             average = momentum * e.astype(dtype) + (1 - momentum) * new_w.astype(dtype)
             return average.astype(e.dtype)
 

@@ -149,11 +149,11 @@ def scale_by_keras_learning_rate(
         params: optax.Params | None = None,
     ) -> optax.Updates:
         del new_state, params
+        negative_rate = _common.per_dtype(lambda dtype: -schedule(state.count, dtype))
 
         def scale(u: jax.Array) -> jax.Array:
             dtype = _common.compute_dtype(u.dtype)
-            rate = schedule(state.count, dtype)
-            return (-rate * u.astype(dtype)).astype(u.dtype)
+            return (negative_rate(dtype) * u.astype(dtype)).astype(u.dtype)
 
         return jax.tree.map(scale, updates)
 

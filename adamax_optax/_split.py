@@ -47,6 +47,31 @@ Advance = Callable[..., optax.OptState]
 """``(updates, state, params, **extra_args) -> new_state``."""
 Emit = Callable[..., optax.Updates]
 """``(updates, state, new_state, params, **extra_args) -> updates``."""
+Update = Callable[..., tuple[optax.Updates, optax.OptState]]
+"""``(updates, state, params, **extra_args) -> (updates, new_state)``."""
+
+
+class Phases(NamedTuple):
+    """The ungated phases of a transformation, and both run in one pass.
+
+    ``update`` equals ``emit(advance(...))``; a chain computes each member's
+    updates once in it, where ``advance`` and ``emit`` each recompute them (the
+    next member's ``advance`` needs them), which doubles what is traced.
+    """
+
+    advance: Advance
+    emit: Emit
+    update: Update
+
+
+def sequential_update(advance_now: Advance, emit_now: Emit) -> Update:
+    """``update`` of two ungated phases: ``advance_now`` then ``emit_now``."""
+
+    def update(updates, state, params=None, **extra_args):
+        new_state = advance_now(updates, state, params, **extra_args)
+        return emit_now(updates, state, new_state, params, **extra_args), new_state
+
+    return update
 
 
 class Gate(NamedTuple):
@@ -111,8 +136,9 @@ class SplitUpdate:
 
     Calling it is a plain optax update. ``advance`` and ``emit`` take a
     :class:`Gate` after ``params``; ``ungated`` holds the two phases without one
-    when the transformation has no gating of its own, so that a chain of such
-    transformations can run all of them in one loop; ``divisor`` reads, from the
+    (:class:`Phases`) when the transformation has no gating of its own, so that a
+    chain of such transformations can run all of them in one loop, and a plain
+    call runs them in one pass; ``divisor`` reads, from the
     state, the scalar that this transformation divides its updates by, when that
     is all it does (a static loss scale), so that a chain passes the division on
     to the next transformation's loop instead of computing it.
@@ -120,7 +146,7 @@ class SplitUpdate:
 
     advance: Callable[..., optax.OptState]
     emit: Callable[..., optax.Updates]
-    ungated: tuple[Advance, Emit] | None = None
+    ungated: Phases | None = None
     divisor: Callable[[optax.OptState], jax.Array] | None = None
 
     def __call__(
@@ -130,6 +156,8 @@ class SplitUpdate:
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, optax.OptState]:
+        if self.ungated is not None:
+            return self.ungated.update(updates, state, params, **extra_args)
         new_state = self.advance(updates, state, params, ALWAYS, **extra_args)
         new_updates = self.emit(updates, state, new_state, params, ALWAYS, **extra_args)
         return new_updates, new_state
@@ -139,9 +167,15 @@ def from_phases(
     advance_now: Advance,
     emit_now: Emit,
     *,
+    update_now: Update | None = None,
     divisor: Callable[[optax.OptState], jax.Array] | None = None,
 ) -> SplitUpdate:
-    """A :class:`SplitUpdate` from two ungated phases; gates run them in a loop."""
+    """A :class:`SplitUpdate` from two ungated phases; gates run them in a loop.
+
+    ``update_now`` runs both in one pass (default: one after the other).
+    """
+    if update_now is None:
+        update_now = sequential_update(advance_now, emit_now)
 
     def advance(
         updates: optax.Updates,
@@ -171,7 +205,9 @@ def from_phases(
         emitted = emit_now(gate.divide(updates), state, new_state, params, **extra_args)
         return gate.select(emitted)
 
-    return SplitUpdate(advance, emit, (advance_now, emit_now), divisor)
+    return SplitUpdate(
+        advance, emit, Phases(advance_now, emit_now, update_now), divisor
+    )
 
 
 def split_transformation(
@@ -179,11 +215,13 @@ def split_transformation(
     advance_now: Advance,
     emit_now: Emit,
     *,
+    update_now: Update | None = None,
     divisor: Callable[[optax.OptState], jax.Array] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """An optax transformation whose update is ``emit_now(advance_now(...))``."""
     return optax.GradientTransformationExtraArgs(
-        init, from_phases(advance_now, emit_now, divisor=divisor)
+        init,
+        from_phases(advance_now, emit_now, update_now=update_now, divisor=divisor),
     )
 
 
@@ -243,7 +281,8 @@ def named_chain(
         )
 
     if all(split.ungated is not None for _, _, split in members):
-        return split_transformation(init, *_chained_phases(members))
+        advance_now, emit_now, update_now = _chained_phases(members)
+        return split_transformation(init, advance_now, emit_now, update_now=update_now)
 
     def advance(updates, state, params, gate, **extra_args):
         new_state = collections.OrderedDict()
@@ -277,26 +316,34 @@ def named_chain(
     return optax.GradientTransformationExtraArgs(init, SplitUpdate(advance, emit))
 
 
-def _chained_phases(
-    members: Sequence[tuple[str, Any, SplitUpdate]],
-) -> tuple[Advance, Emit]:
+def _chained_phases(members: Sequence[tuple[str, Any, SplitUpdate]]) -> Phases:
     """The ungated phases of members that have them, run one after another."""
+
+    def update_now(updates, state, params=None, **extra_args):
+        new_state = collections.OrderedDict()
+        for name, _, split in members:
+            updates, new_state[name] = split.ungated.update(
+                updates, state[name], params, **extra_args
+            )
+        return updates, new_state
 
     def advance_now(updates, state, params=None, **extra_args):
         new_state = collections.OrderedDict()
-        for name, _, split in members:
-            advance_member, emit_member = split.ungated
-            new_state[name] = advance_member(updates, state[name], params, **extra_args)
-            updates = emit_member(
-                updates, state[name], new_state[name], params, **extra_args
+        for index, (name, _, split) in enumerate(members):
+            new_state[name] = split.ungated.advance(
+                updates, state[name], params, **extra_args
             )
+            if index + 1 < len(members):  # the last member's updates are not needed
+                updates = split.ungated.emit(
+                    updates, state[name], new_state[name], params, **extra_args
+                )
         return new_state
 
     def emit_now(updates, state, new_state, params=None, **extra_args):
         for name, _, split in members:
-            updates = split.ungated[1](
+            updates = split.ungated.emit(
                 updates, state[name], new_state[name], params, **extra_args
             )
         return updates
 
-    return advance_now, emit_now
+    return Phases(advance_now, emit_now, update_now)
