@@ -72,9 +72,8 @@ def group_mean(
 
     def mean(s: jax.Array, g: jax.Array) -> jax.Array:
         dtype = _common.compute_dtype(s.dtype, g.dtype)
-        return (s.astype(dtype) / _common.as_compute_scalar(steps, dtype)).astype(
-            g.dtype
-        )
+        divisor = _common.as_compute_scalar(steps, _common.real_dtype(dtype))
+        return _common.divide_by_real(s.astype(dtype), divisor).astype(g.dtype)
 
     return jax.tree.map(mean, group_sum, grads)
 

@@ -55,11 +55,20 @@ def scale_by_keras_adamax(
     like Keras, the direction is computed from the stored (rounded) ``m`` and
     ``u``, and comes back in the dtype of the incoming updates.
 
+    Complex parameters: ``abs(g)`` is the modulus, so ``u`` is real and is
+    stored in the parameter's real dtype (``float32`` for ``complex64``): it
+    holds no imaginary part worth storing, and a real ``u`` halves its memory.
+    ``m`` is complex. A complex parameter whose gradients stay real moves
+    exactly as the real parameter would. As in optax, pass the conjugate of the
+    gradient of a real loss (``jax.grad`` returns ``conj`` of the descent
+    direction for complex inputs).
+
     Args:
       beta_1: decay rate of the first moment, in [0, 1).
       beta_2: decay rate of the infinity norm, in [0, 1).
       epsilon: added to ``u`` before dividing, >= 0.
-      state_dtype: dtype of ``m`` and ``u``; ``None`` keeps each parameter's dtype.
+      state_dtype: precision of ``m`` and ``u``; ``None`` keeps each parameter's
+        dtype. A complex parameter keeps complex ``m`` of that precision.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -88,7 +97,7 @@ def scale_by_keras_adamax(
         return ScaleByKerasAdamaxState(
             count=jnp.zeros([], jnp.int32),
             m=_common.zeros_like_in(params, state_dtype),
-            u=_common.zeros_like_in(params, state_dtype),
+            u=_common.zeros_like_in(params, state_dtype, real=True),
         )
 
     def advance(
@@ -101,16 +110,17 @@ def scale_by_keras_adamax(
 
         def first_moment(g: jax.Array, m: jax.Array) -> jax.Array:
             dtype = _common.compute_dtype(g.dtype, m.dtype)
-            b1 = _common.as_compute_scalar(beta_1, dtype)
-            g, m32 = g.astype(dtype), m.astype(dtype)
-            return (m32 + (g - m32) * (1 - b1)).astype(m.dtype)
+            b1 = _common.as_compute_scalar(beta_1, _common.real_dtype(dtype))
+            return _common.by_parts(
+                lambda g, m: m + (g - m) * (1 - b1), g.astype(dtype), m.astype(dtype)
+            ).astype(m.dtype)
 
         def infinity_norm(g: jax.Array, u: jax.Array) -> jax.Array:
             dtype = _common.compute_dtype(g.dtype, u.dtype)
-            b2 = _common.as_compute_scalar(beta_2, dtype)
-            return jnp.maximum(b2 * u.astype(dtype), jnp.abs(g.astype(dtype))).astype(
-                u.dtype
-            )
+            real = _common.real_dtype(dtype)
+            b2 = _common.as_compute_scalar(beta_2, real)
+            modulus = jnp.abs(g.astype(dtype))
+            return jnp.maximum(b2 * u.astype(real), modulus).astype(u.dtype)
 
         return ScaleByKerasAdamaxState(
             count=optax.safe_increment(state.count),
@@ -130,16 +140,17 @@ def scale_by_keras_adamax(
         t = state.count + 1
 
         @_common.per_dtype
-        def scalars(dtype: np.dtype) -> tuple[jax.Array, ArrayLike]:
-            b1 = jnp.asarray(_common.as_compute_scalar(beta_1, dtype), dtype)
-            bias_correction = 1 - jnp.power(b1, t.astype(dtype))
-            return bias_correction, _common.as_compute_scalar(epsilon, dtype)
+        def scalars(real: np.dtype) -> tuple[jax.Array, ArrayLike]:
+            b1 = jnp.asarray(_common.as_compute_scalar(beta_1, real), real)
+            bias_correction = 1 - jnp.power(b1, t.astype(real))
+            return bias_correction, _common.as_compute_scalar(epsilon, real)
 
         def direction(g: jax.Array, m: jax.Array, u: jax.Array) -> jax.Array:
             dtype = _common.compute_dtype(g.dtype, m.dtype)
-            bias_correction, eps = scalars(dtype)
-            m, u = m.astype(dtype), u.astype(dtype)
-            return (m / (bias_correction * (u + eps))).astype(g.dtype)
+            real = _common.real_dtype(dtype)
+            bias_correction, eps = scalars(real)
+            denominator = bias_correction * (u.astype(real) + eps)
+            return _common.divide_by_real(m.astype(dtype), denominator).astype(g.dtype)
 
         return jax.tree.map(direction, updates, new_state.m, new_state.u)
 

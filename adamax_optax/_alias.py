@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adamax_optax import _validation
+from adamax_optax import _common, _validation
 from adamax_optax._accumulation import (
     accumulate_gradients,
     check_gradient_accumulation_steps,
@@ -34,7 +34,7 @@ from adamax_optax._learning_rate import (
     scale_by_keras_learning_rate,
 )
 from adamax_optax._loss_scale import unscale_gradients
-from adamax_optax._split import SplitUpdate, named_chain, split_of
+from adamax_optax._split import SplitUpdate, map_incoming, named_chain, split_of
 from adamax_optax._weight_decay import ExcludeFromWeightDecay, decoupled_weight_decay
 
 
@@ -129,7 +129,11 @@ def adamax(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
-      when ``weight_decay`` or ``use_ema`` is set.
+      when ``weight_decay`` or ``use_ema`` is set. Gradients are cast to their
+      parameter's dtype first, as Keras casts them to the variable's, so the
+      updates come back in each parameter's dtype (a float32 parameter with
+      bfloat16 gradients gets float32 updates); called without ``params``, in
+      the gradients' dtype.
 
     Raises:
       ValueError, TypeError: for any argument out of range or of the wrong type,
@@ -216,7 +220,9 @@ def adamax(
     optimizer = named_chain(*chain)
     if scaling is not None:
         optimizer = wrap_dynamic_loss_scale(optimizer, **scaling)
-    split = split_of(optimizer)
+    # As Keras does, gradients are cast to their parameter's dtype on entry (the
+    # arithmetic then runs in the compute dtype), so updates leave in it.
+    split = map_incoming(split_of(optimizer), _common.cast_to_params)
     update = AdamaxUpdate(split.advance, split.emit, split.ungated, arguments=arguments)
     return optax.GradientTransformationExtraArgs(optimizer.init, update)
 

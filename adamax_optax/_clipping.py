@@ -38,6 +38,13 @@ def _separate_read(tree: optax.Updates) -> optax.Updates:
     return jax.tree.unflatten(treedef, leaves)
 
 
+def _abs_sq(g: jax.Array) -> jax.Array:
+    """``|g| ** 2``, real for a complex ``g``."""
+    if _common.is_complex(g.dtype):
+        return jnp.square(g.real) + jnp.square(g.imag)
+    return jnp.square(g)
+
+
 def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformationExtraArgs:
     r"""Clips each leaf to an L2 norm of at most ``clipnorm`` (Keras' ``clipnorm``).
 
@@ -46,6 +53,7 @@ def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformationExtraArgs
         g = g * c / maximum(l2(g), c)
 
     A leaf of zeros stays zeros (Keras takes the norm with a NaN-safe ``where``).
+    For a complex leaf ``l2(g)`` sums ``|g| ** 2``.
 
     Args:
       clipnorm: the largest L2 norm of any one leaf, > 0.
@@ -66,14 +74,16 @@ def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformationExtraArgs
 
     def clip_leaf(update: jax.Array) -> jax.Array:
         dtype = _common.compute_dtype(update.dtype)
-        c = _common.as_compute_scalar(clipnorm, dtype)
+        real = _common.real_dtype(dtype)
+        c = _common.as_compute_scalar(clipnorm, real)
         g = update.astype(dtype)
-        squares = jnp.square(_separate_read(update).astype(dtype))
-        l2sum = jnp.sum(squares, keepdims=True)
+        l2sum = jnp.sum(_abs_sq(_separate_read(update).astype(dtype)), keepdims=True)
         nonzero = l2sum > 0
         l2sum_safe = jnp.where(nonzero, l2sum, jnp.ones_like(l2sum))
         l2norm = jnp.where(nonzero, jnp.sqrt(l2sum_safe), l2sum)
-        return ((g * c) / jnp.maximum(l2norm, c)).astype(update.dtype)
+        denominator = jnp.maximum(l2norm, c)
+        clipped = _common.by_parts(lambda g: (g * c) / denominator, g)
+        return clipped.astype(update.dtype)
 
     return stateless_transformation(
         lambda updates, params: jax.tree.map(clip_leaf, updates)
@@ -85,7 +95,7 @@ def keras_global_clipnorm(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Clips all leaves together to a global L2 norm of at most ``global_clipnorm``.
 
-    With ``n = sqrt(sum over leaves of sum(g ** 2))`` and ``c = global_clipnorm``::
+    With ``n = sqrt(sum over leaves of sum(|g| ** 2))`` and ``c = global_clipnorm``::
 
         g = g * (c * minimum(1 / n, 1 / c) + (n - n))
 
@@ -113,22 +123,25 @@ def keras_global_clipnorm(
     def clip(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:
         del params
         leaves = jax.tree.leaves(updates)
-        dtype = _common.compute_dtype(*(g.dtype for g in leaves))
+        dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
         c = _common.as_compute_scalar(global_clipnorm, dtype)
         squared = [
-            jnp.sum(jnp.square(g.astype(dtype)))
+            jnp.sum(_abs_sq(g.astype(_common.compute_dtype(g.dtype)))).astype(dtype)
             for g in jax.tree.leaves(_separate_read(updates))
         ]
         norm = (
             jnp.sqrt(jnp.sum(jnp.stack(squared))) if squared else jnp.zeros([], dtype)
         )
         scale = c * jnp.minimum(1.0 / norm, 1.0 / c) + (norm - norm)
-        return jax.tree.map(
-            lambda g: (
-                g.astype(dtype) * scale.astype(_common.compute_dtype(g.dtype))
-            ).astype(g.dtype),
-            updates,
-        )
+
+        def clip_leaf(g: jax.Array) -> jax.Array:
+            leaf_dtype = _common.compute_dtype(g.dtype)
+            leaf_scale = scale.astype(_common.real_dtype(leaf_dtype))
+            return _common.by_parts(
+                lambda g: g * leaf_scale, g.astype(leaf_dtype)
+            ).astype(g.dtype)
+
+        return jax.tree.map(clip_leaf, updates)
 
     return stateless_transformation(clip)
 
@@ -136,7 +149,9 @@ def keras_global_clipnorm(
 def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformationExtraArgs:
     r"""Clips every element to ``[-clipvalue, clipvalue]`` (Keras' ``clipvalue``).
 
-    ``g = clip(g, -v, v)`` elementwise.
+    ``g = clip(g, -v, v)`` elementwise. Complex updates are refused, as
+    ``optax.clip`` refuses them: complex numbers have no order, and clipping the
+    real and imaginary parts apart would turn the update's direction.
 
     Args:
       clipvalue: the largest absolute value of any element, > 0.
@@ -158,8 +173,15 @@ def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformationExtraAr
         v = _common.as_compute_scalar(clipvalue, g.dtype)
         return jnp.clip(g, -v, v)
 
-    return stateless_transformation(
-        lambda updates, params: jax.tree.map(
-            lambda g: _in_compute_dtype(clip_leaf, g), updates
-        )
-    )
+    def clip(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:
+        del params
+        for path, g in jax.tree_util.tree_flatten_with_path(updates)[0]:
+            if _common.is_complex(g.dtype):
+                raise TypeError(
+                    "`clipvalue` cannot clip complex updates (complex numbers "
+                    f"have no order); leaf {_common.key_path_name(path)!r} has "
+                    f"dtype {g.dtype}. Use `clipnorm` or `global_clipnorm`."
+                )
+        return jax.tree.map(lambda g: _in_compute_dtype(clip_leaf, g), updates)
+
+    return stateless_transformation(clip)

@@ -17,9 +17,42 @@ COMPUTE_DTYPE = jnp.float32
 compute in float32, float64 leaves (under ``jax_enable_x64``) in float64."""
 
 
+def is_complex(dtype: DTypeLike) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.complexfloating))
+
+
+def real_dtype(dtype: DTypeLike) -> np.dtype:
+    """The real dtype of ``dtype``'s precision: ``complex64 -> float32``."""
+    return np.dtype(jnp.finfo(dtype).dtype)
+
+
+def complex_dtype(dtype: DTypeLike) -> np.dtype:
+    """The complex dtype of ``dtype``'s precision: ``float32 -> complex64``.
+
+    Raises:
+      TypeError: for float16 and bfloat16, which have no complex counterpart.
+    """
+    if is_complex(dtype):
+        return np.dtype(dtype)
+    complex_of = {
+        np.dtype(np.float32): np.complex64,
+        np.dtype(np.float64): np.complex128,
+    }
+    if np.dtype(dtype) not in complex_of:
+        raise TypeError(f"{np.dtype(dtype)} has no complex counterpart.")
+    return np.dtype(complex_of[np.dtype(dtype)])
+
+
 def compute_dtype(*dtypes: DTypeLike) -> np.dtype:
-    """The dtype leaves of ``dtypes`` compute in: the widest of them and float32."""
-    return max((np.dtype(d) for d in (COMPUTE_DTYPE, *dtypes)), key=_itemsize)
+    """The dtype leaves of ``dtypes`` compute in.
+
+    The precision is the widest of float32 and the dtypes' own; the result is
+    complex when any of them is complex (``complex64`` with ``float16`` gives
+    ``complex64``, ``complex64`` with ``float64`` gives ``complex128``).
+    """
+    reals = [real_dtype(d) for d in (COMPUTE_DTYPE, *dtypes)]
+    widest = max(reals, key=_itemsize)
+    return complex_dtype(widest) if any(map(is_complex, dtypes)) else widest
 
 
 def _itemsize(dtype: np.dtype) -> int:
@@ -39,10 +72,34 @@ def as_compute_scalar(value: ArrayLike, dtype: DTypeLike = COMPUTE_DTYPE) -> Arr
     return jnp.asarray(value).astype(dtype)
 
 
+def by_parts(fn: Callable[..., jax.Array], *arrays: jax.Array) -> jax.Array:
+    """``fn(*arrays)``, with complex arrays split into their two parts.
+
+    Every update of this package but the modulus is real-linear, so it applies
+    to the real and the imaginary parts apart, with real scalars. Computed so,
+    the real part of a complex leaf goes through the very arithmetic (and the
+    same fusion by XLA) as a real leaf: a complex parameter whose imaginary
+    parts stay zero moves exactly as the real one.
+    """
+    if not any(is_complex(a.dtype) for a in arrays):
+        return fn(*arrays)
+    real = fn(*(jnp.real(a) for a in arrays))
+    imag = fn(*(jnp.imag(a) for a in arrays))
+    return jax.lax.complex(real, imag)
+
+
+def divide_by_real(x: jax.Array, divisor: ArrayLike) -> jax.Array:
+    """``x / divisor`` for a real ``divisor`` in ``x``'s real dtype (or a Python
+    number); a complex ``x`` has its two parts divided, so that a complex value
+    with a zero imaginary part divides exactly as the real one does."""
+    return by_parts(lambda x: x / divisor, x)
+
+
 def divide_in_compute(g: jax.Array, divisor: ArrayLike) -> jax.Array:
     """``g / divisor`` computed in ``g``'s compute dtype, returned in its dtype."""
     dtype = compute_dtype(g.dtype)
-    return (g.astype(dtype) / as_compute_scalar(divisor, dtype)).astype(g.dtype)
+    divisor = as_compute_scalar(divisor, real_dtype(dtype))
+    return divide_by_real(g.astype(dtype), divisor).astype(g.dtype)
 
 
 def per_dtype(scalars: Callable[[np.dtype], Any]) -> Callable[[np.dtype], Any]:
@@ -57,24 +114,60 @@ def per_dtype(scalars: Callable[[np.dtype], Any]) -> Callable[[np.dtype], Any]:
 
 
 def state_dtype_of(leaf: ArrayLike, state_dtype: DTypeLike | None) -> np.dtype:
-    """The dtype of a state leaf that mirrors ``leaf``."""
-    return np.dtype(state_dtype) if state_dtype is not None else jnp.result_type(leaf)
+    """The dtype of a state leaf that mirrors ``leaf``.
+
+    ``state_dtype`` sets the precision and the leaf its kind: a complex leaf
+    with ``state_dtype=float32`` keeps ``complex64`` state, a real leaf with
+    ``state_dtype=complex64`` keeps ``float32`` state.
+
+    Raises:
+      TypeError: for a complex leaf and a ``state_dtype`` without a complex
+        counterpart (float16, bfloat16): the imaginary parts would be lost.
+    """
+    dtype = jnp.result_type(leaf)
+    if state_dtype is None:
+        return np.dtype(dtype)
+    if not is_complex(dtype):
+        return real_dtype(state_dtype)
+    try:
+        return complex_dtype(state_dtype)
+    except TypeError:
+        raise TypeError(
+            f"`state_dtype={np.dtype(state_dtype)}` cannot hold the state of a "
+            f"{dtype} parameter: it has no complex counterpart (use float32)."
+        ) from None
 
 
-def zeros_like_in(tree: Any, state_dtype: DTypeLike | None) -> Any:
+def real_state_dtype_of(leaf: ArrayLike, state_dtype: DTypeLike | None) -> np.dtype:
+    """The dtype of a real state leaf (a norm) that mirrors ``leaf``."""
+    return real_dtype(state_dtype_of(leaf, state_dtype))
+
+
+def zeros_like_in(
+    tree: Any, state_dtype: DTypeLike | None, *, real: bool = False
+) -> Any:
     """Zeros like ``tree`` in ``state_dtype`` (default: each leaf's dtype).
 
+    ``real=True`` gives real zeros for complex leaves (a modulus' dtype).
     ``zeros_like`` keeps each leaf's sharding, so the state of sharded
     parameters is sharded the same way.
     """
+    dtype_of = real_state_dtype_of if real else state_dtype_of
     return jax.tree.map(
-        lambda x: jnp.zeros_like(x, dtype=state_dtype_of(x, state_dtype)), tree
+        lambda x: jnp.zeros_like(x, dtype=dtype_of(x, state_dtype)), tree
     )
 
 
 def cast_like(tree: Any, reference: Any) -> Any:
     """Casts each leaf of ``tree`` to the dtype of its twin in ``reference``."""
     return jax.tree.map(lambda x, r: x.astype(jnp.result_type(r)), tree, reference)
+
+
+def cast_to_params(updates: Any, params: Any | None) -> Any:
+    """``updates`` cast to each parameter's dtype; unchanged without ``params``."""
+    if params is None:
+        return updates
+    return jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), updates, params)
 
 
 def key_path_name(path: Sequence[Any]) -> str:
@@ -138,12 +231,13 @@ def find_states(tree: Any, kinds: type | tuple[type, ...]) -> list[Any]:
 
 
 def check_float_params(params: Any, transform_name: str) -> None:
-    """Parameters must be floating point: an optimizer cannot step integers."""
+    """Parameters must be real or complex floating point, never integers."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"`{transform_name}` can only update floating-point parameters; "
+                f"`{transform_name}` can only update floating-point (real or "
+                "complex) parameters; "
                 f"leaf {key_path_name(path)!r} has dtype {dtype}."
             )
 
@@ -168,10 +262,11 @@ def check_updates_match(updates: Any, reference: Any, transform_name: str) -> No
                 f"`{transform_name}`: gradient {name!r} has shape {jnp.shape(g)} "
                 f"but the parameter has shape {jnp.shape(r)}."
             )
-        if not jnp.issubdtype(jnp.result_type(g), jnp.floating):
+        if not jnp.issubdtype(jnp.result_type(g), jnp.inexact):
             raise TypeError(
                 f"`{transform_name}`: gradient {name!r} has dtype "
-                f"{jnp.result_type(g)}; gradients must be floating point."
+                f"{jnp.result_type(g)}; gradients must be floating point "
+                "(real or complex)."
             )
 
 

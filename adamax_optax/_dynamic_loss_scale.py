@@ -46,7 +46,7 @@ def all_finite(tree: Any) -> jax.Array:
     if not leaves:
         return jnp.asarray(True)
     sums = [jnp.sum(_nan_if_not_finite(x)) for x in leaves]
-    return jnp.all(jnp.isfinite(jnp.stack([s.astype(jnp.float32) for s in sums])))
+    return jnp.all(jnp.stack([jnp.isfinite(s) for s in sums]))
 
 
 def _nan_if_not_finite(x: jax.Array) -> jax.Array:

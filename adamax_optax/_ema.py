@@ -38,6 +38,17 @@ def check_ema_overwrite_frequency(value: Any) -> None:
         )
 
 
+def _initial_average(param: Any, state_dtype: DTypeLike | None) -> jax.Array:
+    """A copy of ``param`` in the state dtype, never the parameter's own buffer:
+    a training step that donates both the parameters and the state must not
+    donate one buffer twice. An abstract parameter (``jax.ShapeDtypeStruct``, as
+    an orbax restore target) gets zeros of its shape, dtype and sharding."""
+    dtype = _common.state_dtype_of(param, state_dtype)
+    if isinstance(param, jax.ShapeDtypeStruct):
+        return jnp.zeros_like(param, dtype=dtype)
+    return jnp.array(param, dtype=dtype)
+
+
 def parameter_ema(
     ema_momentum: ArrayLike = 0.99,
     ema_overwrite_frequency: int | None = None,
@@ -83,12 +94,7 @@ def parameter_ema(
     _validation.check_state_dtype(state_dtype)
 
     def init_fn(params: optax.Params) -> ParameterEMAState:
-        # A copy, never the parameters' own buffer: a training step that donates
-        # both the parameters and the state must not donate one buffer twice.
-        ema = jax.tree.map(
-            lambda p: jnp.array(p, dtype=_common.state_dtype_of(p, state_dtype)),
-            params,
-        )
+        ema = jax.tree.map(lambda p: _initial_average(p, state_dtype), params)
         return ParameterEMAState(count=jnp.zeros([], jnp.int32), ema=ema)
 
     def advance(
@@ -105,10 +111,16 @@ def parameter_ema(
             return jnp.where(first, jnp.zeros([], dtype), jnp.asarray(momentum, dtype))
 
         def average(e: jax.Array, w: jax.Array, u: jax.Array) -> jax.Array:
-            new_w = optax.apply_updates(w, u)
+            # The parameters the caller's ``optax.apply_updates`` will produce
+            # from the updates this optimizer emits (in the parameter's dtype).
+            new_w = _common.by_parts(lambda w, u: w + u, w, u.astype(w.dtype))
             dtype = _common.compute_dtype(e.dtype, new_w.dtype)
-            momentum = momentum_in(dtype)
-            average = momentum * e.astype(dtype) + (1 - momentum) * new_w.astype(dtype)
+            momentum = momentum_in(_common.real_dtype(dtype))
+            average = _common.by_parts(
+                lambda e, w: momentum * e + (1 - momentum) * w,
+                e.astype(dtype),
+                new_w.astype(dtype),
+            )
             return average.astype(e.dtype)
 
         return ParameterEMAState(

@@ -153,7 +153,8 @@ def scale_by_keras_learning_rate(
 
         def scale(u: jax.Array) -> jax.Array:
             dtype = _common.compute_dtype(u.dtype)
-            return (negative_rate(dtype) * u.astype(dtype)).astype(u.dtype)
+            rate = negative_rate(_common.real_dtype(dtype))
+            return _common.by_parts(lambda u: rate * u, u.astype(dtype)).astype(u.dtype)
 
         return jax.tree.map(scale, updates)
 

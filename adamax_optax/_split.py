@@ -218,11 +218,30 @@ def split_transformation(
     update_now: Update | None = None,
     divisor: Callable[[optax.OptState], jax.Array] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """An optax transformation whose update is ``emit_now(advance_now(...))``."""
+    """An optax transformation whose update is ``emit_now(advance_now(...))``.
+
+    The phases take no extra arguments; those a caller passes to ``update``
+    (``optax.chain`` forwards them to every member) are dropped.
+    """
+    if update_now is not None:
+        update_now = _without_extra_args(update_now)
     return optax.GradientTransformationExtraArgs(
         init,
-        from_phases(advance_now, emit_now, update_now=update_now, divisor=divisor),
+        from_phases(
+            _without_extra_args(advance_now),
+            _without_extra_args(emit_now),
+            update_now=update_now,
+            divisor=divisor,
+        ),
     )
+
+
+def _without_extra_args(phase: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **extra_args: Any) -> Any:
+        del extra_args
+        return phase(*args)
+
+    return call
 
 
 def stateless_transformation(
@@ -257,6 +276,41 @@ def split_of(tx: optax.GradientTransformation) -> SplitUpdate:
         return update(updates, state, params, **extra_args)[0]
 
     return from_phases(advance_now, emit_now)
+
+
+def map_incoming(
+    split: SplitUpdate,
+    transform: Callable[[optax.Updates, optax.Params | None], optax.Updates],
+) -> SplitUpdate:
+    """``split`` that first passes its incoming updates through
+    ``transform(updates, params)``, in every phase."""
+
+    def advance(updates, state, params, gate, **extra_args):
+        updates = transform(updates, params)
+        return split.advance(updates, state, params, gate, **extra_args)
+
+    def emit(updates, state, new_state, params, gate, **extra_args):
+        updates = transform(updates, params)
+        return split.emit(updates, state, new_state, params, gate, **extra_args)
+
+    inner = split.ungated
+    if inner is None:
+        return SplitUpdate(advance, emit, None, split.divisor)
+
+    def advance_now(updates, state, params=None, **extra_args):
+        updates = transform(updates, params)
+        return inner.advance(updates, state, params, **extra_args)
+
+    def emit_now(updates, state, new_state, params=None, **extra_args):
+        updates = transform(updates, params)
+        return inner.emit(updates, state, new_state, params, **extra_args)
+
+    def update_now(updates, state, params=None, **extra_args):
+        updates = transform(updates, params)
+        return inner.update(updates, state, params, **extra_args)
+
+    ungated = Phases(advance_now, emit_now, update_now)
+    return SplitUpdate(advance, emit, ungated, split.divisor)
 
 
 def named_chain(

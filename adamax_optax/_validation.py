@@ -112,7 +112,7 @@ def check_bool(name: str, value: Any) -> None:
 
 
 def check_state_dtype(value: Any) -> None:
-    """Requires ``None`` or a floating-point dtype."""
+    """Requires ``None`` or a floating-point (real or complex) dtype."""
     if value is None:
         return
     try:
@@ -122,7 +122,7 @@ def check_state_dtype(value: Any) -> None:
             f"`state_dtype` must be a floating-point dtype or None. "
             f"Received: state_dtype={value!r}"
         ) from None
-    if not jax.dtypes.issubdtype(dtype, np.floating):
+    if not jax.dtypes.issubdtype(dtype, np.inexact):
         raise ValueError(
             "`state_dtype` must be a floating-point dtype or None. "
             f"Received: state_dtype={dtype}"

@@ -116,8 +116,10 @@ def decoupled_weight_decay(
         if is_excluded:
             return u
         dtype = _common.compute_dtype(u.dtype, w.dtype)
-        wd = _common.as_compute_scalar(weight_decay, dtype)
-        return (u.astype(dtype) + wd * w.astype(dtype)).astype(u.dtype)
+        wd = _common.as_compute_scalar(weight_decay, _common.real_dtype(dtype))
+        return _common.by_parts(
+            lambda u, w: u + wd * w, u.astype(dtype), w.astype(dtype)
+        ).astype(u.dtype)
 
     def decay(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:
         _common.require_params(params, "decoupled_weight_decay")

@@ -33,8 +33,9 @@ def assert_parity(ours: dict, reference: dict) -> None:
     """Every leaf within the SPEC tolerance of the reference."""
     assert ours.keys() == reference.keys()
     for key in reference:
-        ref = np.asarray(reference[key], np.float64)
-        got = np.asarray(ours[key], np.float64)
+        wide = np.complex128 if np.iscomplexobj(reference[key]) else np.float64
+        ref = np.asarray(reference[key]).astype(wide)
+        got = np.asarray(ours[key]).astype(wide)
         assert got.shape == ref.shape, key
         error = float(np.max(np.abs(got - ref)))
         assert error <= tolerance(ref), f"{key}: max error {error:.3g}"

@@ -1,6 +1,7 @@
-"""An independent NumPy re-implementation of ``../shared/SPEC.md`` (sections 1-2).
+"""An independent NumPy re-implementation of the update rule (docs: semantics).
 
-Written from the SPEC's formulas, not from the package: float64 throughout, plain
+Written from the documented formulas, not from the package: float64 (complex128
+for complex parameters, whose ``|g|`` is the modulus) throughout, plain
 loops over a dict of arrays, one object holding all the state. It is the oracle for
 the places where we depart from Keras on purpose (EMA under accumulation) and for
 closed-form checks.
@@ -14,8 +15,13 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 
+def _wide(value: np.ndarray) -> np.ndarray:
+    value = np.asarray(value)
+    return value.astype(np.complex128 if np.iscomplexobj(value) else np.float64)
+
+
 class ReferenceAdamax:
-    """Keras' Adamax as SPEC.md writes it; ``step(grads)`` updates ``self.params``."""
+    """Keras' Adamax as documented; ``step(grads)`` updates ``self.params``."""
 
     def __init__(
         self,
@@ -35,7 +41,7 @@ class ReferenceAdamax:
         gradient_accumulation_steps: int | None = None,
         exclude_from_weight_decay: Iterable[str] = (),
     ):
-        self.params = {k: np.asarray(v, np.float64).copy() for k, v in params.items()}
+        self.params = {k: _wide(v).copy() for k, v in params.items()}
         self.learning_rate = learning_rate
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
         self.weight_decay = weight_decay
@@ -50,7 +56,8 @@ class ReferenceAdamax:
             k for k in params if patterns and re.search("|".join(patterns), k)
         }
         zeros = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.m, self.u = dict(zeros), dict(zeros)
+        self.m = dict(zeros)
+        self.u = {k: np.zeros(v.shape) for k, v in self.params.items()}  # real
         self.accumulator = dict(zeros)
         self.ema = {k: v.copy() for k, v in self.params.items()}
         self.calls = 0  # every call, micro-steps included (Keras' _iterations)
@@ -64,10 +71,12 @@ class ReferenceAdamax:
     def _clip(self, g: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.clipnorm is not None:
             c = self.clipnorm
-            return {k: v * c / max(np.sqrt(np.sum(v**2)), c) for k, v in g.items()}
+            return {
+                k: v * c / max(np.sqrt(np.sum(np.abs(v) ** 2)), c) for k, v in g.items()
+            }
         if self.global_clipnorm is not None:
             c = self.global_clipnorm
-            n = np.sqrt(sum(np.sum(v**2) for v in g.values()))
+            n = np.sqrt(sum(np.sum(np.abs(v) ** 2) for v in g.values()))
             if not np.isfinite(n):
                 return {k: np.full_like(v, np.nan) for k, v in g.items()}
             return {k: v * c * min(1 / n, 1 / c) for k, v in g.items()}
@@ -77,7 +86,7 @@ class ReferenceAdamax:
         return g
 
     def step(self, grads: dict[str, np.ndarray]) -> None:
-        g = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+        g = {k: _wide(v) for k, v in grads.items()}
         if self.loss_scale_factor is not None:
             g = {k: v / self.loss_scale_factor for k, v in g.items()}
         lr = self._lr()

@@ -12,6 +12,7 @@ from conftest import assert_parity, make_problem, run_ours
 from keras_oracle import run_keras
 
 from adamax_optax import adamax, from_config, from_keras_config, get_config
+from adamax_optax._config import KERAS_BASE_DEFAULTS
 
 FULL = {
     "learning_rate": 0.01,
@@ -126,3 +127,40 @@ def test_from_config_rejects_unknown_keys_and_get_config_foreign_optimizers():
         from_config({"momentum": 0.9})
     with pytest.raises(ValueError, match=r"built by `adamax_optax\.adamax"):
         get_config(optax.adam(0.1))
+
+
+def test_keras_older_loss_scale_optimizer_config_is_accepted():
+    """Keras' own backward-compatibility case: the base-optimizer keys at their
+    defaults (Keras' ``test_deserialization_backwards_compatibility``)."""
+    inner = keras.optimizers.Adamax(0.5, clipvalue=0.25)
+    config = {
+        "name": "loss_scale_optimizer",
+        **KERAS_BASE_DEFAULTS,
+        "inner_optimizer": keras.optimizers.serialize(inner),
+        "initial_scale": 2.0,
+        "dynamic_growth_steps": 2,
+    }
+    ours = get_config(from_keras_config(config))
+    assert ours["dynamic_loss_scale"] == {"initial_scale": 2.0, "growth_steps": 2}
+    assert (ours["learning_rate"], ours["clipvalue"]) == (0.5, 0.25)
+    with pytest.raises(ValueError, match=r"sets `clipnorm=1\.0`"):
+        from_keras_config({**config, "clipnorm": 1.0})
+
+
+@pytest.mark.parametrize(
+    "optimizer", ["Adam", "SGD", "AdamW"], ids=lambda name: name.lower()
+)
+def test_a_non_adamax_keras_config_is_an_error(optimizer):
+    keras_optimizer = getattr(keras.optimizers, optimizer)()
+    config = keras_optimizer.get_config()
+    config.pop("amsgrad", None)  # an Adam without amsgrad has only Adamax keys
+    with pytest.raises(ValueError, match=r"not an Adamax optimizer's name"):
+        from_keras_config(config)
+    with pytest.raises(ValueError, match=f"class_name='{optimizer}'"):
+        from_keras_config(keras.optimizers.serialize(keras_optimizer))
+
+
+def test_serialized_keras_adamax_with_a_custom_name_is_accepted():
+    serialized = keras.optimizers.serialize(keras.optimizers.Adamax(0.3, name="mine"))
+    config = get_config(from_keras_config(serialized))
+    assert config["learning_rate"] == pytest.approx(0.3)
