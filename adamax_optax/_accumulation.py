@@ -51,6 +51,7 @@ def add_to_group_sum(
     first = mini_step == 0
 
     def add(a: jax.Array, g: jax.Array) -> jax.Array:
+        g = _common.sharded_like(g, a)
         dtype = _common.compute_dtype(a.dtype, g.dtype)
         g_wide = g.astype(dtype)
         return jnp.where(first, g_wide, a.astype(dtype) + g_wide).astype(a.dtype)
@@ -73,7 +74,8 @@ def group_mean(
     def mean(s: jax.Array, g: jax.Array) -> jax.Array:
         dtype = _common.compute_dtype(s.dtype, g.dtype)
         divisor = _common.as_compute_scalar(steps, _common.real_dtype(dtype))
-        return _common.divide_by_real(s.astype(dtype), divisor).astype(g.dtype)
+        mean = _common.divide_by_real(s.astype(dtype), divisor).astype(g.dtype)
+        return _common.sharded_like(mean, g)
 
     return jax.tree.map(mean, group_sum, grads)
 

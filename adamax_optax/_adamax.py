@@ -109,6 +109,7 @@ def scale_by_keras_adamax(
         _common.check_updates_match(updates, state.m, "scale_by_keras_adamax")
 
         def first_moment(g: jax.Array, m: jax.Array) -> jax.Array:
+            g = _common.sharded_like(g, m)
             dtype = _common.compute_dtype(g.dtype, m.dtype)
             b1 = _common.as_compute_scalar(beta_1, _common.real_dtype(dtype))
             return _common.by_parts(
@@ -116,6 +117,7 @@ def scale_by_keras_adamax(
             ).astype(m.dtype)
 
         def infinity_norm(g: jax.Array, u: jax.Array) -> jax.Array:
+            g = _common.sharded_like(g, u)
             dtype = _common.compute_dtype(g.dtype, u.dtype)
             real = _common.real_dtype(dtype)
             b2 = _common.as_compute_scalar(beta_2, real)
@@ -150,7 +152,8 @@ def scale_by_keras_adamax(
             real = _common.real_dtype(dtype)
             bias_correction, eps = scalars(real)
             denominator = bias_correction * (u.astype(real) + eps)
-            return _common.divide_by_real(m.astype(dtype), denominator).astype(g.dtype)
+            direction = _common.divide_by_real(m.astype(dtype), denominator)
+            return _common.sharded_like(direction.astype(g.dtype), g)
 
         return jax.tree.map(direction, updates, new_state.m, new_state.u)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -162,6 +163,16 @@ def adamax(
     if gradient_accumulation_steps is not None:
         check_gradient_accumulation_steps(gradient_accumulation_steps)
     scaling = _dynamic_loss_scale_settings(dynamic_loss_scale)
+    _warn_without_effect(
+        ema_overwrite_frequency is not None and not use_ema,
+        f"`ema_overwrite_frequency={ema_overwrite_frequency}` has no effect "
+        "without `use_ema=True`.",
+    )
+    _warn_without_effect(
+        exclude_from_weight_decay not in (None, [], ()) and weight_decay is None,
+        f"`exclude_from_weight_decay={exclude_from_weight_decay!r}` has no "
+        "effect without `weight_decay`.",
+    )
     if scaling is not None and loss_scale_factor is not None:
         raise ValueError(
             "Set either `loss_scale_factor` or `dynamic_loss_scale`, not both. "
@@ -250,6 +261,11 @@ def arguments_of(optimizer: optax.GradientTransformation) -> dict[str, Any]:
             "own: keep the arguments you built it with.)"
         )
     return dict(update.arguments)
+
+
+def _warn_without_effect(condition: bool, message: str) -> None:
+    if condition:
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _dynamic_loss_scale_settings(

@@ -113,6 +113,26 @@ def per_dtype(scalars: Callable[[np.dtype], Any]) -> Callable[[np.dtype], Any]:
     return functools.cache(scalars)
 
 
+def sharded_like(x: jax.Array, reference: jax.Array) -> jax.Array:
+    """``x`` with ``reference``'s sharding, where that sharding is explicit.
+
+    Under a mesh with ``AxisType.Explicit`` axes, arrays sharded differently
+    cannot be combined elementwise; a state leaf may be sharded unlike its
+    gradient (ZeRO-1 shards the state over the data axis, the parameters not),
+    so each rule brings its operands to one sharding first: the gradient and
+    parameters to the state's, the new updates back to the parameters'. Under
+    ``Auto`` axes XLA chooses, and this is a no-op.
+    """
+    target = getattr(jax.typeof(reference), "sharding", None)
+    source = getattr(jax.typeof(x), "sharding", None)
+    if target is None or source is None or source.spec == target.spec:
+        return x
+    explicit = jax.sharding.AxisType.Explicit
+    if explicit not in getattr(target.mesh, "axis_types", ()):
+        return x
+    return jax.sharding.reshard(x, target)
+
+
 def state_dtype_of(leaf: ArrayLike, state_dtype: DTypeLike | None) -> np.dtype:
     """The dtype of a state leaf that mirrors ``leaf``.
 
@@ -164,8 +184,9 @@ def cast_like(tree: Any, reference: Any) -> Any:
 
 
 def cast_to_params(updates: Any, params: Any | None) -> Any:
-    """``updates`` cast to each parameter's dtype; unchanged without ``params``."""
-    if params is None:
+    """``updates`` cast to each parameter's dtype; unchanged without ``params``
+    (or with a tree unlike the updates', which the rules then report)."""
+    if params is None or jax.tree.structure(updates) != jax.tree.structure(params):
         return updates
     return jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), updates, params)
 

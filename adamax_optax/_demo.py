@@ -110,7 +110,7 @@ def build_optimizer(
         learning_rate=optax.cosine_decay_schedule(PEAK_LEARNING_RATE, total_batches),
         global_clipnorm=1.0 if "clip" in features else None,
         weight_decay=1e-3 if "decay" in features else None,
-        exclude_from_weight_decay=["bias"],
+        exclude_from_weight_decay=["bias"] if "decay" in features else None,
         use_ema="ema" in features,
         ema_momentum=0.9,
         gradient_accumulation_steps=accumulation,

@@ -114,6 +114,7 @@ def parameter_ema(
             # The parameters the caller's ``optax.apply_updates`` will produce
             # from the updates this optimizer emits (in the parameter's dtype).
             new_w = _common.by_parts(lambda w, u: w + u, w, u.astype(w.dtype))
+            new_w = _common.sharded_like(new_w, e)
             dtype = _common.compute_dtype(e.dtype, new_w.dtype)
             momentum = momentum_in(_common.real_dtype(dtype))
             average = _common.by_parts(
@@ -140,6 +141,7 @@ def parameter_ema(
         overwrite = (state.count + 1) % ema_overwrite_frequency == 0
 
         def overwritten(u: jax.Array, e: jax.Array, w: jax.Array) -> jax.Array:
+            e = _common.sharded_like(e, w)
             dtype = _common.compute_dtype(e.dtype, w.dtype)
             jump = (e.astype(dtype) - w.astype(dtype)).astype(u.dtype)
             return jnp.where(overwrite, jump, u)

@@ -246,8 +246,18 @@ def _without_extra_args(phase: Callable[..., Any]) -> Callable[..., Any]:
 
 def stateless_transformation(
     transform: Callable[[optax.Updates, optax.Params | None], optax.Updates],
+    *,
+    check_params: Callable[[optax.Params], None] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """A transformation without state: ``updates = transform(updates, params)``."""
+    """A transformation without state: ``updates = transform(updates, params)``.
+
+    ``check_params``, if given, is called on the parameters at ``init``.
+    """
+
+    def init(params: optax.Params) -> optax.EmptyState:
+        if check_params is not None:
+            check_params(params)
+        return optax.EmptyState()
 
     def advance_now(updates, state, params=None):
         del updates, params
@@ -257,9 +267,7 @@ def stateless_transformation(
         del state, new_state
         return transform(updates, params)
 
-    return split_transformation(
-        lambda params: optax.EmptyState(), advance_now, emit_now
-    )
+    return split_transformation(init, advance_now, emit_now)
 
 
 def split_of(tx: optax.GradientTransformation) -> SplitUpdate:

@@ -86,12 +86,26 @@ def _integer_value(value: Any) -> int | None:
 
 
 def check_integer_at_least(name: str, value: Any, minimum: int, message: str) -> None:
-    """Requires an integer ``value >= minimum``; ``message`` is Keras' wording."""
+    """Requires a concrete integer ``value >= minimum``; ``message`` is Keras'
+    wording.
+
+    An integer argument sets the structure of the computation (how many calls
+    make a group, how often to overwrite), so it cannot be traced: the value
+    that ``optax.inject_hyperparams`` passes inside ``jit`` is refused with a
+    message that says to declare it static.
+    """
     try:
         integer = _integer_value(value)
     except TypeError:
         raise TypeError(f"{message} Received: {name}={value!r}") from None
-    if integer is not None and integer < minimum:
+    if integer is None:
+        raise TypeError(
+            f"`{name}` cannot be a traced value: it sets the structure of the "
+            "computation and is checked when the optimizer is built. With "
+            "`optax.inject_hyperparams`, declare it static: "
+            f"`optax.inject_hyperparams(adamax, static_args=({name!r},))`."
+        )
+    if integer < minimum:
         raise ValueError(f"{message} Received: {name}={value}")
 
 

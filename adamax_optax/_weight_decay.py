@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,6 +72,33 @@ def exclusion_mask(
     return lambda params: exclude
 
 
+def warn_unmatched_patterns(
+    exclude_from_weight_decay: ExcludeFromWeightDecay, params: Any
+) -> None:
+    """Warns about each exclusion pattern that matches no leaf of ``params``."""
+    patterns = exclude_from_weight_decay
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, list | tuple | set | frozenset) or not all(
+        isinstance(p, str) for p in patterns
+    ):
+        return
+    names = [
+        _common.key_path_name(path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
+    for pattern in sorted(patterns):
+        if not any(re.search(pattern, name) for name in names):
+            examples = ", ".join(repr(n) for n in names[:3])
+            warnings.warn(
+                f"`exclude_from_weight_decay` pattern {pattern!r} matches no "
+                f"parameter, so it excludes nothing (key paths read like "
+                f"{examples}).",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
 def decoupled_weight_decay(
     weight_decay: ArrayLike,
     *,
@@ -91,6 +119,8 @@ def decoupled_weight_decay(
       (a Flax leaf reads ``"params/Dense_0/bias"``);
     * a pytree of Python bools shaped like the parameters, ``True`` = excluded;
     * a callable ``params -> such a pytree``.
+
+    A pattern that matches no leaf warns at ``init``: it is most likely a typo.
 
     Args:
       weight_decay: the decay rate, >= 0.
@@ -125,4 +155,7 @@ def decoupled_weight_decay(
         _common.require_params(params, "decoupled_weight_decay")
         return jax.tree.map(decay_leaf, excluded(params), updates, params)
 
-    return stateless_transformation(decay)
+    def check_patterns(params: optax.Params) -> None:
+        warn_unmatched_patterns(exclude_from_weight_decay, params)
+
+    return stateless_transformation(decay, check_params=check_patterns)

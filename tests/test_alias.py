@@ -126,33 +126,3 @@ def test_inject_hyperparams_changes_value_without_recompiling(name):
         p_ref = optax.apply_updates(p_ref, updates)
     for key in params:
         np.testing.assert_allclose(params[key], p_ref[key], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("name", "before", "after"),
-    [("gradient_accumulation_steps", 2, 3), ("ema_overwrite_frequency", 2, 3)],
-)
-def test_inject_hyperparams_integer_hyperparameters(name, before, after):
-    extra = {"use_ema": True} if name == "ema_overwrite_frequency" else {}
-    injected = optax.inject_hyperparams(adamax)(0.1, **{name: before}, **extra)
-    params = jnp.zeros(2)
-    state = injected.init(params)
-    step = jax.jit(injected.update)
-    for _ in range(4):
-        updates, state = step(jnp.ones(2), state, params)
-        params = params + updates
-    state.hyperparams[name] = jnp.asarray(after, jnp.int32)
-    for _ in range(4):
-        updates, state = step(jnp.ones(2), state, params)
-        params = params + updates
-    p_ref = jnp.zeros(2)
-    tx_a = adamax(0.1, **{name: before}, **extra)
-    s_ref = tx_a.init(p_ref)
-    for _ in range(4):
-        updates, s_ref = tx_a.update(jnp.ones(2), s_ref, p_ref)
-        p_ref = p_ref + updates
-    tx_b = adamax(0.1, **{name: after}, **extra)
-    for _ in range(4):
-        updates, s_ref = tx_b.update(jnp.ones(2), s_ref, p_ref)
-        p_ref = p_ref + updates
-    np.testing.assert_allclose(params, p_ref, rtol=1e-6)

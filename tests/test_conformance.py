@@ -171,6 +171,47 @@ def test_inject_hyperparams_gives_the_same_updates_and_state(kwargs):
     )
 
 
+def test_inject_hyperparams_integer_arguments_must_be_static():
+    injected = optax.inject_hyperparams(adamax)(0.1, gradient_accumulation_steps=2)
+    params = jnp.ones(2)
+    state = injected.init(params)
+    with pytest.raises(
+        TypeError, match=r"static_args=\('gradient_accumulation_steps',\)"
+    ):
+        jax.jit(injected.update)(params, state, params)
+
+
+def test_inject_hyperparams_state_is_donatable_and_does_not_recompile():
+    """Every option, integers static, through a step that donates the
+    parameters and the state; a new learning rate of the same dtype reuses the
+    compiled step; the result equals the plain optimizer's."""
+    static = ("gradient_accumulation_steps", "ema_overwrite_frequency")
+    kwargs = dict(EVERY_OPTION, learning_rate=0.5)
+    injected = optax.inject_hyperparams(adamax, static_args=static)(**kwargs)
+    plain = adamax(**kwargs)
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    grads = {"w": jnp.array([0.5, 0.25, -1.0])}
+
+    def step(tx):
+        def apply(params, state):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        return CompileCounter(apply), jax.jit(apply, donate_argnums=(0, 1))
+
+    counted, donated = step(injected)
+    p_inject, s_inject = jax.tree.map(jnp.array, params), injected.init(params)
+    p_plain, s_plain = params, plain.init(params)
+    for _ in range(4):
+        p_inject, s_inject = donated(p_inject, s_inject)
+        p_plain, s_plain = jax.jit(step(plain)[0].jitted)(p_plain, s_plain)
+    np.testing.assert_allclose(p_inject["w"], p_plain["w"], rtol=1e-6, atol=1e-6)
+    for rate in (0.5, 0.25):
+        s_inject.hyperparams["learning_rate"] = jnp.asarray(rate, jnp.float32)
+        counted(p_inject, s_inject)
+    assert counted.traces == 1
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=str)
 def test_updates_keep_the_gradients_dtype(dtype):
     """optax's ``test_preserve_dtype``."""

@@ -35,7 +35,7 @@ def test_demo_learns_the_digits_and_draws_the_curves(tmp_path, capsys):
 
 def test_features_select_the_chain():
     total = 100
-    everything = build_optimizer(FEATURES, total).init({"w": 1.0})
+    everything = build_optimizer(FEATURES, total).init({"w": 1.0, "bias": 0.0})
     nothing = build_optimizer((), total).init({"w": 1.0})
     assert list(everything) == ["accumulate"]
     assert list(everything["accumulate"].inner_state) == [

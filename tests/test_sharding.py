@@ -20,3 +20,4 @@ def test_sharded_update_matches_single_device():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SHARDED OK" in result.stdout
+    assert "EXPLICIT OK" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -175,3 +176,43 @@ def test_update_without_params_is_a_clear_error(block):
     params = jnp.ones(3)
     with pytest.raises(ValueError, match="needs the current parameters"):
         tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            dict(ema_overwrite_frequency=5),
+            r"`ema_overwrite_frequency=5` has no effect without `use_ema=True`",
+        ),
+        (
+            dict(exclude_from_weight_decay=["bias"]),
+            r"`exclude_from_weight_decay=\['bias'\]` has no effect without "
+            r"`weight_decay`",
+        ),
+    ],
+)
+def test_an_option_without_effect_warns_naming_it(kwargs, message):
+    with pytest.warns(UserWarning, match=message):
+        adamax(**kwargs)
+
+
+def test_an_exclusion_pattern_matching_no_leaf_warns_at_init():
+    tx = adamax(weight_decay=0.1, exclude_from_weight_decay=["bias", "bais"])
+    params = {"dense": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}}
+    with pytest.warns(UserWarning, match=r"pattern 'bais' matches no parameter") as w:
+        tx.init(params)
+    assert len(w) == 1  # "bias" matches and does not warn
+    assert "'dense/kernel'" in str(w[0].message)
+
+
+def test_options_with_effect_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tx = adamax(
+            weight_decay=0.1,
+            exclude_from_weight_decay=["bias"],
+            use_ema=True,
+            ema_overwrite_frequency=5,
+        )
+        tx.init({"dense": {"bias": jnp.ones(2)}})
