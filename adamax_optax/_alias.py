@@ -91,6 +91,10 @@ def adamax(
     5. ``use_ema``: the moving average of the parameters, which replaces them
        every ``ema_overwrite_frequency`` updates.
 
+    Complex parameters follow optax's convention (pass the conjugate gradient):
+    ``abs(g)`` is the modulus and the norms for clipping sum ``|g| ** 2``;
+    ``clipvalue`` refuses them.
+
     The state is an ``optax.named_chain`` state: read it by name, e.g.
     ``state["adamax"].m`` (under accumulation:
     ``state["accumulate"].inner_state["adamax"]``). Each stage is a building block
@@ -119,8 +123,10 @@ def adamax(
       exclude_from_weight_decay: leaves not to decay: regular expressions
         searched in ``"/"``-joined key paths, a pytree of bools (``True`` =
         excluded), or a callable returning one.
-      state_dtype: dtype of the moments, accumulator and EMA; ``None`` keeps
-        each parameter's dtype (as Keras does).
+      state_dtype: precision of the moments, accumulator and EMA; ``None`` keeps
+        each parameter's dtype (as Keras does). A complex parameter keeps complex
+        state of that precision, and a real ``u`` (see
+        :func:`scale_by_keras_adamax`).
       dynamic_loss_scale: ``True``, or a dict of :func:`dynamic_loss_scale`
         settings (``initial_scale``, ``growth_steps``, ``factor``,
         ``min_loss_scale``), wraps the whole optimizer in dynamic loss scaling,

@@ -1,6 +1,6 @@
 """``python -m adamax_optax bench``: update time against the memory-bandwidth floor.
 
-SPEC section 6: an update is memory-bound, so its floor is the minimal traffic
+The cost model: an update is memory-bound, so its floor is the minimal traffic
 (``words`` per parameter, 4 bytes each in float32) over the bandwidth measured in
 this process by a buffer-donating elementwise scale. Every case is timed in this one
 process, buffers donated, and reported as median time, time over its floor, ratio to

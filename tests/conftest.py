@@ -25,12 +25,12 @@ SHAPES = {"dense/kernel": (4, 3), "dense/bias": (3,), "out/kernel": (3, 2)}
 
 
 def tolerance(reference: np.ndarray) -> float:
-    """SPEC section 5: ``1e-6 * (1 + max|w_ref|)``."""
+    """The parity tolerance: ``1e-6 * (1 + max|w_ref|)``."""
     return 1e-6 * (1.0 + float(np.max(np.abs(reference))))
 
 
 def assert_parity(ours: dict, reference: dict) -> None:
-    """Every leaf within the SPEC tolerance of the reference."""
+    """Every leaf within the parity tolerance of the reference."""
     assert ours.keys() == reference.keys()
     for key in reference:
         wide = np.complex128 if np.iscomplexobj(reference[key]) else np.float64

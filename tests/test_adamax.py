@@ -1,4 +1,4 @@
-"""``scale_by_keras_adamax``: the rule of SPEC section 1, against closed forms."""
+"""``scale_by_keras_adamax``: the update rule, against closed forms."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_infinity_norm_decays_then_takes_the_max():
 
 
 def test_differs_from_optax_scale_by_adamax():
-    """SPEC: optax keeps eps inside the max, so the two rules part on step 2."""
+    """optax keeps eps inside the max, so the two rules part on step 2."""
     ours = scale_by_keras_adamax(0.9, 0.5, 1.0)
     theirs = optax.scale_by_adamax(0.9, 0.5, eps=1.0)
     state_ours, state_theirs = ours.init(jnp.zeros(1)), theirs.init(jnp.zeros(1))

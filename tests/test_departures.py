@@ -1,7 +1,7 @@
-"""The places where we depart from Keras on purpose (SPEC section 3).
+"""The places where we depart from Keras on purpose (see the README).
 
-Each is pinned against the NumPy reference written from SPEC.md, and where Keras
-computes something else, the test also shows that Keras really does differ.
+Each is pinned against the NumPy reference written from the documented rule, and
+where Keras computes something else, the test also shows that Keras really does differ.
 """
 
 from __future__ import annotations

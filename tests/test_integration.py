@@ -2,7 +2,7 @@
 
 Each loop must bring a regression loss down, and the EMA read back through
 ``finalize_variable_values`` must equal the average of the parameters the loop
-actually produced, computed here in NumPy (SPEC section 3: the EMA starts at the
+actually produced, computed here in NumPy (a documented departure: the EMA starts at the
 first updated parameters, then ``ema = m * ema + (1 - m) * w``).
 """
 
@@ -138,7 +138,7 @@ def test_flax_nnx_optimizer(data):
     reference, losses = EMAReference(), []
     for i in range(STEPS):
         losses.append(float(step(model, opt)))
-        if i % 2 == 1:  # the EMA moves once per real update (SPEC departure 1)
+        if i % 2 == 1:  # the EMA moves once per real update (a departure)
             reference.observe(nnx.state(model, nnx.Param))
     assert_learned(losses)
     assert int(adamax_optax.get_iterations(opt)) == STEPS // 2

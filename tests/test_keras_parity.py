@@ -1,4 +1,6 @@
-"""Live parity with ``keras.optimizers.Adamax`` on the JAX backend (SPEC section 5).
+"""Live parity with ``keras.optimizers.Adamax`` on the JAX backend.
+
+The tolerance is ``1e-6 * (1 + max|w|)``.
 
 Both optimizers get the same 50 random gradients; after the last step every
 parameter (and the EMA, where on) must agree within ``1e-6 * (1 + max|w_keras|)``.

@@ -54,7 +54,8 @@ def gradient_sequences(shape, steps):
     grads=gradient_sequences((5,), 8),
 )
 def test_every_step_is_within_the_adamax_bound(beta_1, gap, lr, grads):
-    """SPEC section 1: |step_t| <= lr (1-b1)/(1-b1/b2) (1-(b1/b2)^t) / (1-b1^t)."""
+    """The update rule bounds the step:
+    |step_t| <= lr (1-b1)/(1-b1/b2) (1-(b1/b2)^t) / (1-b1^t)."""
     beta_2 = beta_1 + gap * (0.9999 - beta_1)
     tx = adamax(lr, beta_1, beta_2)
     params = jnp.zeros(5)
