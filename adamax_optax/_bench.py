@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import pathlib
 import platform
@@ -319,10 +320,7 @@ def wrapped_cases(total: int, leaves: int, dtype: Any, grads: Any) -> Iterator[C
             )
     try:
         from flax.training import train_state
-    except ImportError:
-        print(
-            "skipped the Flax TrainState and nnx.Optimizer cases: flax is not installed"
-        )
+    except ImportError:  # reported once by ``run``
         return
     for phase, label, words in ((0, "micro-step", 5), (steps - 1, "update step", 9)):
         params = make_tree(total, leaves, dtype, 1.0)
@@ -538,14 +536,17 @@ def draw(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    dtype = (
+        "float32" if any(r["dtype"] == "float32" for r in rows) else rows[0]["dtype"]
+    )
     names = sorted(
         {r["case"] for r in rows}, key=lambda n: [r["case"] for r in rows].index(n)
     )
     figure, axis = plt.subplots(figsize=(10, 5))
     colors = plt.get_cmap("tab20").colors
     for index, name in enumerate(names):
-        mine = [r for r in rows if r["case"] == name and r["dtype"] == "float32"]
-        if len(mine) > 1:
+        mine = [r for r in rows if r["case"] == name and r["dtype"] == dtype]
+        if mine:  # one size gives one marker per case
             mine.sort(key=lambda r: r["parameters"])
             axis.plot(
                 [r["parameters"] / 2**20 for r in mine],
@@ -557,7 +558,7 @@ def draw(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     axis.set(
         xscale="log",
         yscale="log",
-        xlabel="parameters (millions, float32)",
+        xlabel=f"parameters (millions, {dtype})",
         ylabel="median time / bandwidth floor",
         title="Update time over the floor",
     )
@@ -568,7 +569,26 @@ def draw(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+QUICK = dict(sizes=[1.0], leaves=[8], dtypes=["float32"], repeats=3, compile_leaves=50)
+"""What ``--quick`` runs: one small size, float32, a 50-leaf compile; under a
+minute on 2 CPU cores."""
+
+PEERS = {
+    "keras": "the Keras Adamax row (pip install keras)",
+    "torch": "the torch.optim.Adamax rows (pip install torch)",
+    "flax": "the Flax TrainState and nnx.Optimizer rows (pip install flax)",
+}
+"""Optional peers: the rows skipped, and how to get them, when one is missing."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run under a minute: 1M float32 parameters in 8 leaves, "
+        "3 repeats, a 50-leaf compile; overrides the size options",
+    )
     parser.add_argument(
         "--sizes",
         type=float,
@@ -576,9 +596,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[1, 8, 32],
         help="parameter counts, in millions (2**20)",
     )
-    parser.add_argument("--leaves", type=int, nargs="+", default=[8])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--leaves", type=int, nargs="+", default=[8], help="leaves the parameters span"
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        help="parameter dtypes",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="timed calls per case (median)"
+    )
     parser.add_argument(
         "--compile-leaves",
         type=int,
@@ -593,11 +622,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also compile and time whole training steps of these models "
         "(mlp: 1000 leaves, resnet: ResNet-50-like, gpt: GPT-2-small-like)",
     )
-    parser.add_argument("--json", default="bench_results.json")
-    parser.add_argument("--plot", default=None, help="PNG path")
+    parser.add_argument(
+        "--json", default="bench_results.json", help="where to write the results"
+    )
+    parser.add_argument(
+        "--plot", default=None, help="also draw the table as a PNG at this path"
+    )
+
+
+def missing_peers() -> list[str]:
+    """The optional peers that are not installed."""
+    return [name for name in PEERS if importlib.util.find_spec(name) is None]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit(
+            "--plot needs matplotlib: python -m pip install matplotlib "
+            '(or the demo extra: python -m pip install "adamax_optax[demo]")'
+        )
+    if getattr(args, "quick", False):
+        args = argparse.Namespace(**{**vars(args), **QUICK})
+    for name in missing_peers():
+        print(f"skipped {PEERS[name]}: {name} is not installed")
     bandwidth = measure_bandwidth()
     machine = platform.processor() or platform.machine()
     print(

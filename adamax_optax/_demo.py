@@ -1,10 +1,13 @@
 """The main job: a Flax MLP trained on scikit-learn's digits (shipped, no download).
 
-``python -m adamax_optax demo`` trains the same network twice on the same batches,
-once with :func:`adamax_optax.adamax` (Keras options on) and once with
-``optax.adamax``, inside a jit-compiled Flax ``TrainState`` step; it shows a progress
-bar, prints per-epoch loss and accuracy (raw and EMA weights) and draws the curves.
-Its dependencies (Flax, scikit-learn, tqdm, matplotlib) are the ``demo`` extra.
+``python -m adamax_optax demo`` trains the same network twice, from the same
+initial weights, on the same batches and with the same number of updates: once
+with :func:`adamax_optax.adamax` (Keras options on) and once with ``optax.adamax``
+(inside ``optax.MultiSteps`` when accumulation is on, its learning rate on the same
+schedule), each in a jit-compiled Flax ``TrainState`` step. It prints what each
+run is, per-epoch loss and accuracy (and the EMA weights' when EMA is on) and
+draws the curves. Its dependencies (Flax, scikit-learn, tqdm, matplotlib) are the
+``demo`` extra.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import argparse
 import dataclasses
 import importlib
 import pathlib
+import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +34,11 @@ FEATURES = ("clip", "decay", "ema", "accumulation")
 """The Keras options the demo can switch on: ``--features clip,ema`` picks some."""
 
 PEAK_LEARNING_RATE = 0.01
+ACCUMULATION_STEPS = 2
+EMA_MOMENTUM = 0.9
+"""The EMA's momentum. The starting weights keep ``0.9 ** k`` of the average
+after ``k`` updates, so 0.9 forgets them within the first epoch (about 40
+updates); 0.99 would need about 460 updates to bring them under 1%."""
 
 
 def require(module: str) -> Any:
@@ -37,7 +47,9 @@ def require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as error:  # pragma: no cover - depends on the extra
         raise SystemExit(
-            f'The demo needs {module.split(".")[0]}: python -m pip install -e ".[demo]"'
+            f"The demo needs {module.split('.')[0]}: "
+            'python -m pip install "adamax_optax[demo]" (in a clone: '
+            'python -m pip install -e ".[demo]")'
         ) from error
 
 
@@ -104,7 +116,7 @@ def build_optimizer(
     features: Sequence[str], total_batches: int
 ) -> optax.GradientTransformation:
     """``adamax(...)`` with the chosen Keras options and a cosine schedule."""
-    accumulation = 2 if "accumulation" in features else None
+    accumulation = ACCUMULATION_STEPS if "accumulation" in features else None
     return adamax(
         # A schedule sees Keras' micro-step counter, so it spans every batch.
         learning_rate=optax.cosine_decay_schedule(PEAK_LEARNING_RATE, total_batches),
@@ -112,9 +124,42 @@ def build_optimizer(
         weight_decay=1e-3 if "decay" in features else None,
         exclude_from_weight_decay=["bias"] if "decay" in features else None,
         use_ema="ema" in features,
-        ema_momentum=0.9,
+        ema_momentum=EMA_MOMENTUM,
         gradient_accumulation_steps=accumulation,
     )
+
+
+def build_baseline(
+    features: Sequence[str], total_batches: int
+) -> optax.GradientTransformation:
+    """``optax.adamax`` making the same updates: in ``optax.MultiSteps`` when
+    accumulation is on, with its rate on the same schedule (evaluated, like
+    Keras', at the last micro-step of each group)."""
+    steps = ACCUMULATION_STEPS if "accumulation" in features else 1
+    schedule = optax.cosine_decay_schedule(PEAK_LEARNING_RATE, total_batches)
+    baseline = optax.adamax(lambda update: schedule(update * steps + steps - 1))
+    return optax.MultiSteps(baseline, steps) if steps > 1 else baseline
+
+
+def describe_runs(
+    features: Sequence[str], batch_size: int, updates: int, compare: bool
+) -> dict[str, str]:
+    """One line per run saying what it is: optimizer, options, batch, updates."""
+    steps = ACCUMULATION_STEPS if "accumulation" in features else 1
+    common = (
+        f"lr cosine from {PEAK_LEARNING_RATE} over every batch, batch {batch_size}"
+        f"{f', {steps} accumulation steps' if steps > 1 else ''}, {updates} updates"
+    )
+    options = [
+        *(["global_clipnorm 1.0"] if "clip" in features else []),
+        *(["weight_decay 1e-3 (not biases)"] if "decay" in features else []),
+        *([f"EMA momentum {EMA_MOMENTUM}"] if "ema" in features else []),
+    ]
+    lines = {"adamax_optax": f"adamax({', '.join(options) or 'no options'}); {common}"}
+    if compare:
+        wrapper = f"optax.MultiSteps(·, {steps})" if steps > 1 else "plain"
+        lines["optax.adamax"] = f"optax.adamax, {wrapper}; {common}"
+    return lines
 
 
 def make_train_step(model: Any):
@@ -155,10 +200,12 @@ def train(
 ) -> dict[str, Any]:
     """Trains with ``adamax(...)`` (and ``optax.adamax`` to compare); returns history.
 
-    The result maps each run name (``"adamax_optax"``, ``"adamax_optax EMA"``,
-    ``"optax.adamax"``) to per-epoch lists of ``train_loss``, ``test_loss`` and
-    ``test_accuracy``, plus ``features``, ``seconds`` and ``plot`` (the PNG
-    written, or None).
+    The result maps each run name (``"adamax_optax"``, ``"adamax_optax EMA"`` when
+    EMA is on, ``"optax.adamax"`` when comparing) to per-epoch lists of
+    ``train_loss``, ``test_loss`` and ``test_accuracy``, plus ``features``,
+    ``runs`` (what each run is), ``updates``, ``seconds`` and ``plot`` (the PNG
+    written, or None). The progress bar shows only when stderr is a terminal,
+    and starts after the first (compiling) step.
     """
     train_state = require("flax.training.train_state")
     tqdm = require("tqdm").tqdm
@@ -167,34 +214,50 @@ def train(
     params = model.init(jax.random.key(seed), data.x_train[:1])["params"]
     batches_per_epoch = len(data.x_train) // batch_size
     total_batches = epochs * batches_per_epoch
+    steps = ACCUMULATION_STEPS if "accumulation" in features else 1
     optimizers = {"adamax_optax": build_optimizer(features, total_batches)}
     if compare:
-        lr = optax.cosine_decay_schedule(PEAK_LEARNING_RATE, total_batches)
-        optimizers["optax.adamax"] = optax.adamax(lr)
+        optimizers["optax.adamax"] = build_baseline(features, total_batches)
     states = {
         name: train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
         for name, tx in optimizers.items()
     }
     train_step, evaluate = make_train_step(model), make_evaluate(model)
+    ema = "ema" in features
+    names = [*optimizers, *(["adamax_optax EMA"] if ema else [])]
     history: dict[str, Any] = {
-        name: {"train_loss": [], "test_loss": [], "test_accuracy": []}
-        for name in [*optimizers, "adamax_optax EMA"]
+        name: {"train_loss": [], "test_loss": [], "test_accuracy": []} for name in names
     }
     history["features"] = list(features)
-    print(f"adamax_optax features: {', '.join(features) or 'none'}")
+    history["updates"] = total_batches // steps
+    history["runs"] = describe_runs(features, batch_size, history["updates"], compare)
+    for name, line in history["runs"].items():
+        print(f"{name}: {line}")
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    bar = tqdm(total=total_batches, desc="training", unit="batch", disable=not progress)
+    show_bar = progress and sys.stderr.isatty()
+    bar = None
     for epoch in range(1, epochs + 1):
         losses: dict[str, list[jax.Array]] = {name: [] for name in states}
         for x, y in data.batches(batch_size, rng):
             for name, state in states.items():
                 states[name], loss = train_step(state, x, y)
                 losses[name].append(loss)
-            bar.update()
+            if bar is None:  # after the first step, so its compile is not in the rate
+                jax.block_until_ready(losses)
+                bar = tqdm(
+                    total=total_batches,
+                    initial=1,
+                    desc="training",
+                    unit="batch",
+                    disable=not show_bar,
+                )
+            else:
+                bar.update()
         finals = {name: state.params for name, state in states.items()}
-        ours = states["adamax_optax"]
-        finals["adamax_optax EMA"] = finalize_variable_values(ours.params, ours)
+        if ema:
+            ours = states["adamax_optax"]
+            finals["adamax_optax EMA"] = finalize_variable_values(ours.params, ours)
         for name, final in finals.items():
             test_loss, test_accuracy = evaluate(final, data.x_test, data.y_test)
             record = history[name]
@@ -203,21 +266,37 @@ def train(
             record["train_loss"].append(float(np.mean(train_losses)))
             record["test_loss"].append(float(test_loss))
             record["test_accuracy"].append(float(test_accuracy))
-        bar.write(epoch_line(epoch, history))
-    bar.close()
+        line = epoch_line(epoch, history)
+        if show_bar:
+            bar.write(line)
+        else:
+            print(line, flush=True)
+    if bar is not None:
+        bar.close()
     history["seconds"] = time.perf_counter() - start
     history["plot"] = draw(history, plot) if plot else None
     summarize(history)
     return history
 
 
+def run_records(history: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """The per-epoch records of each run in ``history``."""
+    return {
+        name: record
+        for name, record in history.items()
+        if isinstance(record, dict) and "test_accuracy" in record
+    }
+
+
 def epoch_line(epoch: int, history: dict[str, Any]) -> str:
     """``epoch   3  adamax_optax loss 0.16 acc 0.958 (EMA 0.978)  optax.adamax ...``."""
-    ours, ema = history["adamax_optax"], history["adamax_optax EMA"]
+    ours = history["adamax_optax"]
     line = (
         f"epoch {epoch:3d}  adamax_optax loss {ours['train_loss'][-1]:.4f} "
-        f"acc {ours['test_accuracy'][-1]:.3f} (EMA {ema['test_accuracy'][-1]:.3f})"
+        f"acc {ours['test_accuracy'][-1]:.3f}"
     )
+    if "adamax_optax EMA" in history:
+        line += f" (EMA {history['adamax_optax EMA']['test_accuracy'][-1]:.3f})"
     if "optax.adamax" in history:
         theirs = history["optax.adamax"]
         line += (
@@ -230,28 +309,38 @@ def epoch_line(epoch: int, history: dict[str, Any]) -> str:
 def summarize(history: dict[str, Any]) -> None:
     """Prints the final test accuracy of each run and where the plot went."""
     print(f"done in {history['seconds']:.1f}s; final test accuracy:")
-    for name, record in history.items():
-        if isinstance(record, dict):
-            print(f"  {name:18s} {record['test_accuracy'][-1]:.3f}")
+    for name, record in run_records(history).items():
+        print(f"  {name:18s} {record['test_accuracy'][-1]:.3f}")
     if history["plot"]:
         print(f"curves written to {history['plot']}")
 
 
 def draw(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:
-    """Two panels, training loss and test accuracy per epoch, saved as a PNG."""
+    """Two panels, loss and test accuracy per epoch, saved as a PNG.
+
+    The loss panel has every run's test loss (the EMA weights' included) and
+    the raw runs' training loss; the title says what each run is.
+    """
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     pyplot = require("matplotlib.pyplot")
-    runs = {k: v for k, v in history.items() if isinstance(v, dict)}
+    runs = run_records(history)
     figure, (loss_axis, accuracy_axis) = pyplot.subplots(1, 2, figsize=(11, 4.2))
-    for name, record in runs.items():
+    for index, (name, record) in enumerate(runs.items()):
         epochs = np.arange(1, len(record["test_accuracy"]) + 1)
-        style = "--" if "EMA" in name else "-"
+        color = f"C{index}"
+        loss_axis.plot(
+            epochs, record["test_loss"], "-", color=color, label=f"{name} test"
+        )
         if "EMA" not in name:
-            loss_axis.plot(epochs, record["train_loss"], style, label=name)
-        accuracy_axis.plot(epochs, record["test_accuracy"], style, label=name)
+            loss_axis.plot(
+                epochs, record["train_loss"], ":", color=color, label=f"{name} train"
+            )
+        accuracy_axis.plot(
+            epochs, record["test_accuracy"], "-", color=color, label=name
+        )
     loss_axis.set(
-        title="Training loss (mean over the epoch)",
+        title="Loss (train: mean over the epoch)",
         xlabel="epoch",
         ylabel="cross-entropy",
         yscale="log",
@@ -260,10 +349,10 @@ def draw(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
         axis.legend()
-    options = ", ".join(history["features"]) or "none"
-    figure.suptitle(
-        f"Flax MLP on scikit-learn digits (adamax_optax options: {options})"
+    described = "\n".join(
+        textwrap.fill(f"{name}: {line}", 120) for name, line in history["runs"].items()
     )
+    figure.suptitle(f"Flax MLP on scikit-learn digits\n{described}", fontsize=9)
     figure.tight_layout()
     path = pathlib.Path(path)
     figure.savefig(path, dpi=120)
@@ -281,21 +370,28 @@ def features_argument(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's command-line options."""
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=30, help="default: 30")
+    parser.add_argument("--batch-size", type=int, default=32, help="default: 32")
+    parser.add_argument("--seed", type=int, default=0, help="default: 0")
     parser.add_argument(
         "--features",
         type=features_argument,
         default=FEATURES,
-        help=f"'all', 'none' or a comma-separated subset of {','.join(FEATURES)}",
+        help=f"'all', 'none' or a comma-separated subset of {','.join(FEATURES)} "
+        "(default: all)",
     )
     parser.add_argument(
         "--no-compare", action="store_true", help="skip the optax.adamax run"
     )
-    parser.add_argument("--plot", default="adamax_demo.png", help="PNG path")
+    parser.add_argument(
+        "--plot", default="adamax_demo.png", help="PNG path (default: adamax_demo.png)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not draw")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (it is off anyway when stderr is not a terminal)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

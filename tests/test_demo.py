@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import matplotlib.image
+import numpy as np
 import pytest
 
 from adamax_optax.__main__ import main
-from adamax_optax._demo import FEATURES, build_optimizer, parse_features, train
+from adamax_optax._demo import (
+    FEATURES,
+    build_baseline,
+    build_optimizer,
+    parse_features,
+    train,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -19,15 +27,22 @@ def user_promotion_rules():
 
 def test_demo_learns_the_digits_and_draws_the_curves(tmp_path, capsys):
     plot = tmp_path / "curves.png"
-    history = train(epochs=4, plot=plot, progress=False)
+    history = train(epochs=4, plot=plot)
     # Chance is 0.1; a working optimizer passes 0.9 in a few epochs.
     for run in ("adamax_optax", "adamax_optax EMA", "optax.adamax"):
         assert history[run]["test_accuracy"][-1] > 0.9, run
         assert len(history[run]["test_accuracy"]) == 4
     losses = history["adamax_optax"]["train_loss"]
     assert losses[-1] < 0.5 * losses[0]
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.count("epoch ") == 4 and "(EMA " in out and "optax.adamax loss" in out
+    # What each run is: both make 4 * 44 / 2 = 88 updates of batch 32.
+    assert history["updates"] == 88
+    assert "optax.adamax: optax.adamax, optax.MultiSteps(·, 2)" in out
+    assert "EMA momentum 0.9" in out and out.count("88 updates") == 2
+    # stderr is not a terminal here: no progress bar, only clean epoch lines.
+    assert "training" not in captured.err and "\r" not in out
     image = matplotlib.image.imread(plot)
     assert image.shape[0] > 300 and image.shape[1] > 600
     assert image.std() > 0.05  # not a blank canvas
@@ -48,6 +63,35 @@ def test_features_select_the_chain():
     assert list(nothing) == ["adamax", "learning_rate"]
 
 
+@pytest.mark.parametrize("features", [(), ("accumulation",)], ids=["N=1", "N=2"])
+def test_baseline_makes_the_same_updates_at_the_same_rates(features):
+    """``optax.adamax`` in the comparison updates on the same calls as ours, with
+    the same learning rate: on a one-weight problem with constant gradient 1,
+    both first steps are ``-lr`` (Adamax' direction is 1 for both rules)."""
+    total = 8
+    ours, baseline = build_optimizer(features, total), build_baseline(features, total)
+    params = {"w": jnp.zeros(1)}
+    grads = {"w": jnp.ones(1)}
+    moves = {}
+    for name, tx in (("ours", ours), ("optax", baseline)):
+        state, steps = tx.init(params), []
+        for _ in range(total):
+            updates, state = tx.update(grads, state, params)
+            steps.append(float(updates["w"][0]))
+        moves[name] = np.array(steps)
+    assert np.array_equal(moves["ours"] != 0, moves["optax"] != 0)
+    assert np.count_nonzero(moves["ours"]) == total // (2 if features else 1)
+    first = np.flatnonzero(moves["ours"])[0]
+    np.testing.assert_allclose(moves["ours"][first], moves["optax"][first], rtol=1e-5)
+
+
+def test_without_ema_there_is_no_ema_run(capsys):
+    history = train(epochs=1, features=("clip",), plot=None)
+    assert "adamax_optax EMA" not in history
+    out = capsys.readouterr().out
+    assert "EMA" not in out
+
+
 def test_parse_features():
     assert parse_features("all") == FEATURES
     assert parse_features("none") == ()
@@ -62,7 +106,7 @@ def test_command_line_runs_the_demo(tmp_path, capsys):
         ["demo", "--epochs", "1", *options, "--plot", str(tmp_path / "out.png")]
     )
     out = capsys.readouterr().out
-    assert "features: ema" in out and "optax.adamax" not in out
+    assert "adamax(EMA momentum 0.9)" in out and "optax.adamax" not in out
     assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert history["adamax_optax EMA"]["test_accuracy"][-1] > 0.5
 

@@ -51,7 +51,7 @@ def test_readme_python_blocks_run(capsys):
 
 def test_readme_test_command_is_the_ci_command():
     ci = (README.parent / ".ci" / "run").read_text()
-    command = "python -m pytest -q --doctest-modules adamax_optax tests"
+    command = "python -m pytest -q -n 2 --doctest-modules adamax_optax tests"
     assert command in README.read_text() and command in ci
 
 
