@@ -104,4 +104,3 @@ def test_each_missing_peer_is_named(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "skipped the Keras Adamax row (pip install keras): keras is not" in out
     assert "skipped the torch.optim.Adamax rows" in out and "flax" not in out
-
