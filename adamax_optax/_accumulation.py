@@ -30,7 +30,7 @@ class AccumulateGradientsState(NamedTuple):
         The group's first micro-step overwrites it instead of adding to it, so it
         is never reset: after an update it still holds the finished group's sum,
         which nothing reads again. This saves a full write of the accumulator on
-        every update (see the cost model in the benchmarks).
+        every update (the cost model: ``docs/semantics.md``).
       inner_state: the state of the wrapped transformation; it only moves on the
         last micro-step of each group.
     """

@@ -95,6 +95,10 @@ def adamax(
     ``abs(g)`` is the modulus and the norms for clipping sum ``|g| ** 2``;
     ``clipvalue`` refuses them.
 
+    The documentation's *Semantics* page (``docs/semantics.md``) is the full
+    contract: order of operations, counting, loss scaling, dtypes and the
+    departures from Keras.
+
     The state is an ``optax.named_chain`` state: read it by name, e.g.
     ``state["adamax"].m`` (under accumulation:
     ``state["accumulate"].inner_state["adamax"]``). Each stage is a building block
