@@ -40,6 +40,7 @@ from adamax_optax._learning_rate import (
 )
 from adamax_optax._loss_scale import StaticLossScaleState as StaticLossScaleState
 from adamax_optax._loss_scale import unscale_gradients as unscale_gradients
+from adamax_optax._sharding import state_shardings as state_shardings
 from adamax_optax._state import get_iterations as get_iterations
 from adamax_optax._state import get_learning_rate as get_learning_rate
 from adamax_optax._state import get_loss_scale as get_loss_scale
@@ -76,5 +77,6 @@ __all__ = [
     "parameter_ema",
     "scale_by_keras_adamax",
     "scale_by_keras_learning_rate",
+    "state_shardings",
     "unscale_gradients",
 ]

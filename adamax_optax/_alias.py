@@ -71,6 +71,7 @@ def adamax(
     exclude_from_weight_decay: ExcludeFromWeightDecay = None,
     state_dtype: DTypeLike | None = None,
     dynamic_loss_scale: bool | Mapping[str, Any] = False,
+    ema_warmup: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keras' ``Adamax`` optimizer, every option included, as an optax transform.
 
@@ -131,6 +132,10 @@ def adamax(
         each parameter's dtype (as Keras does). A complex parameter keeps complex
         state of that precision, and a real ``u`` (see
         :func:`scale_by_keras_adamax`).
+      ema_warmup: beyond Keras, off by default: cap the EMA's momentum at
+        ``(1 + c) / (10 + c)`` after ``c`` updates, so that a short run's
+        average is not dominated by the starting weights (see
+        :func:`parameter_ema`).
       dynamic_loss_scale: ``True``, or a dict of :func:`dynamic_loss_scale`
         settings (``initial_scale``, ``growth_steps``, ``factor``,
         ``min_loss_scale``), wraps the whole optimizer in dynamic loss scaling,
@@ -178,6 +183,11 @@ def adamax(
         f"`ema_overwrite_frequency={ema_overwrite_frequency}` has no effect "
         "without `use_ema=True`.",
     )
+    _validation.check_bool("ema_warmup", ema_warmup)
+    _warn_without_effect(
+        ema_warmup and not use_ema,
+        "`ema_warmup=True` has no effect without `use_ema=True`.",
+    )
     _warn_without_effect(
         exclude_from_weight_decay not in (None, [], ()) and weight_decay is None,
         f"`exclude_from_weight_decay={exclude_from_weight_decay!r}` has no "
@@ -222,7 +232,10 @@ def adamax(
             (
                 "ema",
                 parameter_ema(
-                    ema_momentum, ema_overwrite_frequency, state_dtype=state_dtype
+                    ema_momentum,
+                    ema_overwrite_frequency,
+                    ema_warmup=ema_warmup,
+                    state_dtype=state_dtype,
                 ),
             )
         )

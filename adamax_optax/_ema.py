@@ -53,6 +53,7 @@ def parameter_ema(
     ema_momentum: ArrayLike = 0.99,
     ema_overwrite_frequency: int | None = None,
     *,
+    ema_warmup: bool = False,
     state_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Tracks a moving average of the parameters; can overwrite them with it.
@@ -63,6 +64,16 @@ def parameter_ema(
         ema = w_new                                           if k == 1
         ema = ema_momentum * ema + (1 - ema_momentum) * w_new otherwise
 
+    ``ema_warmup=True`` (beyond Keras, off by default) caps the momentum of
+    update ``k > 1`` at ``(k) / (9 + k)``, i.e. ``(1 + c) / (10 + c)`` with
+    ``c = k - 1`` the updates before it::
+
+        momentum = minimum(ema_momentum, (1 + c) / (10 + c))
+
+    so that a short run's average is not dominated by its first weights: the
+    momentum is 0.18 on the second update, 0.5 on the ninth, 0.9 from the 82nd,
+    and reaches 0.99 only after about 900 updates.
+
     If ``ema_overwrite_frequency = F`` and ``k % F == 0`` the parameters become
     the average: the block emits ``updates = ema - params``. Read the average
     with :func:`finalize_variable_values` (Keras'
@@ -72,6 +83,8 @@ def parameter_ema(
       ema_momentum: weight of the old average, in [0, 1].
       ema_overwrite_frequency: overwrite the parameters with the average every
         this many updates; ``None`` never does.
+      ema_warmup: cap the momentum at ``(1 + c) / (10 + c)`` after ``c``
+        updates (TensorFlow's ``ExponentialMovingAverage(num_updates=...)``).
       state_dtype: dtype of the average; ``None`` keeps each parameter's dtype.
 
     Returns:
@@ -90,6 +103,7 @@ def parameter_ema(
       (Array([2.], dtype=float32), Array([1.5], dtype=float32))
     """
     _validation.check_ema_momentum(ema_momentum)
+    _validation.check_bool("ema_warmup", ema_warmup)
     check_ema_overwrite_frequency(ema_overwrite_frequency)
     _validation.check_state_dtype(state_dtype)
 
@@ -107,8 +121,13 @@ def parameter_ema(
 
         @_common.per_dtype
         def momentum_in(dtype: np.dtype) -> jax.Array:
-            momentum = _common.as_compute_scalar(ema_momentum, dtype)
-            return jnp.where(first, jnp.zeros([], dtype), jnp.asarray(momentum, dtype))
+            momentum = jnp.asarray(
+                _common.as_compute_scalar(ema_momentum, dtype), dtype
+            )
+            if ema_warmup:
+                c = state.count.astype(dtype)
+                momentum = jnp.minimum(momentum, (1 + c) / (10 + c))
+            return jnp.where(first, jnp.zeros([], dtype), momentum)
 
         def average(e: jax.Array, w: jax.Array, u: jax.Array) -> jax.Array:
             # The parameters the caller's ``optax.apply_updates`` will produce

@@ -101,3 +101,51 @@ def test_ema_state_never_shares_the_parameters_buffer():
 
     params, state = step(params, state)  # raised "donate the same buffer twice"
     assert float(params["w"][0]) < 1.0
+
+
+def test_ema_warmup_caps_the_momentum_in_closed_form():
+    """SGD with lr 1 and gradient -1 puts the weight at k after update k. The
+    average with warmup, written out: ema_1 = 1, and for k >= 2 with c = k - 1
+    updates before it, m = min(0.99, (1 + c) / (10 + c)) = k / (9 + k)."""
+    tx = optax.chain(optax.sgd(1.0), parameter_ema(0.99, ema_warmup=True))
+    params = jnp.zeros(1)
+    state = tx.init(params)
+    expected = 0.0
+    for k in range(1, 201):
+        updates, state = tx.update(-jnp.ones(1), state, params)
+        params = optax.apply_updates(params, updates)
+        momentum = 0.0 if k == 1 else min(0.99, k / (9 + k))
+        expected = momentum * expected + (1 - momentum) * k
+        if k in (1, 2, 9, 50, 200):
+            np.testing.assert_allclose(
+                finalize_variable_values(params, state), [expected], rtol=1e-5
+            )
+    # Without warmup the start dominates a short run: the plain average lags more.
+    plain = optax.chain(optax.sgd(1.0), parameter_ema(0.99))
+    params, plain_state = jnp.zeros(1), plain.init(jnp.zeros(1))
+    for _ in range(200):
+        updates, plain_state = plain.update(-jnp.ones(1), plain_state, params)
+        params = optax.apply_updates(params, updates)
+    assert finalize_variable_values(params, plain_state)[0] < expected - 50
+
+
+def test_ema_warmup_is_off_by_default_and_reaches_the_optimizer():
+    on = adamax(0.1, use_ema=True, ema_warmup=True)
+    off = adamax(0.1, use_ema=True)
+    params = jnp.array([1.0])
+    results = {}
+    for name, tx in (("on", on), ("off", off)):
+        p, state = params, tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update(jnp.array([1.0]), state, p)
+            p = optax.apply_updates(p, updates)
+        results[name] = float(finalize_variable_values(p, state)[0])
+    w1, w2, w3 = 0.9, 0.8, 0.7  # lr * sign(g) steps, up to epsilon
+    ema_on = w1
+    ema_on = (2 / 11) * ema_on + (9 / 11) * w2
+    ema_on = (3 / 12) * ema_on + (9 / 12) * w3
+    ema_off = w1
+    ema_off = 0.99 * ema_off + 0.01 * w2
+    ema_off = 0.99 * ema_off + 0.01 * w3
+    np.testing.assert_allclose(results["on"], ema_on, rtol=1e-5)
+    np.testing.assert_allclose(results["off"], ema_off, rtol=1e-5)

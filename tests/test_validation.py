@@ -216,3 +216,8 @@ def test_options_with_effect_do_not_warn():
             ema_overwrite_frequency=5,
         )
         tx.init({"dense": {"bias": jnp.ones(2)}})
+
+
+def test_ema_warmup_without_ema_warns():
+    with pytest.warns(UserWarning, match=r"`ema_warmup=True` has no effect"):
+        adamax(ema_warmup=True)
