@@ -70,7 +70,7 @@ def state_shardings(
       >>> params = {"w": jnp.ones((8, 4))}
       >>> shardings = state_shardings(jax.eval_shape(tx.init, params), mesh, "data")
       >>> shardings["adamax"].m["w"].spec, shardings["adamax"].count.spec
-      (PartitionSpec('data', None), PartitionSpec())
+      (P('data', None), P())
       >>> opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
     """
     if axis_name not in mesh.axis_names:
