@@ -112,11 +112,16 @@ def build_mlp(hidden: Sequence[int] = (128, 128)) -> Any:
     return MLP()
 
 
+def accumulation_steps(features: Sequence[str]) -> int:
+    """Micro-steps per update: :data:`ACCUMULATION_STEPS` with accumulation on."""
+    return ACCUMULATION_STEPS if "accumulation" in features else 1
+
+
 def build_optimizer(
     features: Sequence[str], total_batches: int
 ) -> optax.GradientTransformation:
     """``adamax(...)`` with the chosen Keras options and a cosine schedule."""
-    accumulation = ACCUMULATION_STEPS if "accumulation" in features else None
+    steps = accumulation_steps(features)
     return adamax(
         # A schedule sees Keras' micro-step counter, so it spans every batch.
         learning_rate=optax.cosine_decay_schedule(PEAK_LEARNING_RATE, total_batches),
@@ -125,7 +130,7 @@ def build_optimizer(
         exclude_from_weight_decay=["bias"] if "decay" in features else None,
         use_ema="ema" in features,
         ema_momentum=EMA_MOMENTUM,
-        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_steps=steps if steps > 1 else None,
     )
 
 
@@ -135,7 +140,7 @@ def build_baseline(
     """``optax.adamax`` making the same updates: in ``optax.MultiSteps`` when
     accumulation is on, with its rate on the same schedule (evaluated, like
     Keras', at the last micro-step of each group)."""
-    steps = ACCUMULATION_STEPS if "accumulation" in features else 1
+    steps = accumulation_steps(features)
     schedule = optax.cosine_decay_schedule(PEAK_LEARNING_RATE, total_batches)
     baseline = optax.adamax(lambda update: schedule(update * steps + steps - 1))
     return optax.MultiSteps(baseline, steps) if steps > 1 else baseline
@@ -145,7 +150,7 @@ def describe_runs(
     features: Sequence[str], batch_size: int, updates: int, compare: bool
 ) -> dict[str, str]:
     """One line per run saying what it is: optimizer, options, batch, updates."""
-    steps = ACCUMULATION_STEPS if "accumulation" in features else 1
+    steps = accumulation_steps(features)
     common = (
         f"lr cosine from {PEAK_LEARNING_RATE} over every batch, batch {batch_size}"
         f"{f', {steps} accumulation steps' if steps > 1 else ''}, {updates} updates"
@@ -214,7 +219,7 @@ def train(
     params = model.init(jax.random.key(seed), data.x_train[:1])["params"]
     batches_per_epoch = len(data.x_train) // batch_size
     total_batches = epochs * batches_per_epoch
-    steps = ACCUMULATION_STEPS if "accumulation" in features else 1
+    steps = accumulation_steps(features)
     optimizers = {"adamax_optax": build_optimizer(features, total_batches)}
     if compare:
         optimizers["optax.adamax"] = build_baseline(features, total_batches)

@@ -19,6 +19,15 @@ from jax.sharding import PartitionSpec as P
 from adamax_optax import adamax, finalize_variable_values
 
 
+def assert_trees_close(ours, reference, label) -> None:
+    """Every leaf within the parity tolerance ``1e-6 * (1 + max|ref|)`` (the
+    tests' ``conftest.tolerance``; these scripts run without the test config)."""
+    for got, ref in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+        got, ref = np.asarray(got), np.asarray(ref)
+        error = np.max(np.abs(got - ref))
+        assert error <= 1e-6 * (1 + np.max(np.abs(ref))), (label, error)
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
@@ -94,16 +103,12 @@ def main() -> None:
     norm = np.sqrt(sum(float(jnp.sum(jnp.square(v))) for v in clipped.values()))
     assert abs(norm - 1.0) < 1e-5, norm
 
-    for key in params:
-        for a, b in (
-            (single[key], sharded[key]),
-            (
-                finalize_variable_values(single, single_state)[key],
-                finalize_variable_values(sharded, sharded_state)[key],
-            ),
-        ):
-            a, b = np.asarray(a), np.asarray(b)
-            assert np.max(np.abs(a - b)) <= 1e-6 * (1 + np.max(np.abs(a))), key
+    assert_trees_close(sharded, single, "params")
+    assert_trees_close(
+        finalize_variable_values(sharded, sharded_state),
+        finalize_variable_values(single, single_state),
+        "EMA",
+    )
     print("SHARDED OK")
 
 
@@ -183,19 +188,8 @@ def explicit_axes_and_unlike_state() -> None:
                 for state_layout in (None, lambda x, mesh=mesh: other_layout(mesh, x)):
                     for update in (tx.update, jax.jit(tx.update)):
                         result = run(put, state_layout, update)
-                        for ours, ref in zip(
-                            jax.tree.leaves(result),
-                            jax.tree.leaves(reference),
-                            strict=True,
-                        ):
-                            ours, ref = np.asarray(ours), np.asarray(ref)
-                            error = np.max(np.abs(ours - ref))
-                            assert error <= 1e-6 * (1 + np.max(np.abs(ref))), (
-                                name,
-                                axis_type,
-                                state_layout is None,
-                                error,
-                            )
+                        label = (name, axis_type, state_layout is None)
+                        assert_trees_close(result, reference, label)
     print("EXPLICIT OK")
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conftest import tolerance
 
 from adamax_optax import adamax, finalize_variable_values
 
@@ -88,4 +89,4 @@ def test_two_processes_train_like_one(tmp_path):
             for key, value in reference.items():
                 ours, ref = result[f"{name}/{key}"], np.asarray(value)
                 error = np.max(np.abs(ours - ref))
-                assert error <= 1e-6 * (1 + np.max(np.abs(ref))), (name, key, error)
+                assert error <= tolerance(ref), (name, key, error)

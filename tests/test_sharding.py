@@ -9,30 +9,24 @@ import subprocess
 import sys
 
 
-def test_sharded_update_matches_single_device():
-    script = pathlib.Path(__file__).with_name("sharded_run.py")
+def run_on_8_devices(script: str) -> str:
+    """Runs ``script`` (beside this file) with 8 host devices; its stdout."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     result = subprocess.run(
-        [sys.executable, str(script)],
+        [sys.executable, str(pathlib.Path(__file__).with_name(script))],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SHARDED OK" in result.stdout
-    assert "EXPLICIT OK" in result.stdout
+    return result.stdout
+
+
+def test_sharded_update_matches_single_device():
+    out = run_on_8_devices("sharded_run.py")
+    assert "SHARDED OK" in out and "EXPLICIT OK" in out
 
 
 def test_zero_stage_1_state_sharding():
-    script = pathlib.Path(__file__).with_name("zero_run.py")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "ZERO OK" in result.stdout
+    assert "ZERO OK" in run_on_8_devices("zero_run.py")
