@@ -40,6 +40,10 @@ from adamax_optax._learning_rate import (
 )
 from adamax_optax._loss_scale import StaticLossScaleState as StaticLossScaleState
 from adamax_optax._loss_scale import unscale_gradients as unscale_gradients
+from adamax_optax._runner import Block as Block
+from adamax_optax._runner import Composite as Composite
+from adamax_optax._runner import chain as chain
+from adamax_optax._runner import named_chain as named_chain
 from adamax_optax._sharding import state_shardings as state_shardings
 from adamax_optax._state import get_iterations as get_iterations
 from adamax_optax._state import get_learning_rate as get_learning_rate
@@ -53,6 +57,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "AccumulateGradientsState",
+    "Block",
+    "Composite",
     "DynamicLossScaleState",
     "ParameterEMAState",
     "ScaleByKerasAdamaxState",
@@ -61,6 +67,7 @@ __all__ = [
     "__version__",
     "accumulate_gradients",
     "adamax",
+    "chain",
     "decoupled_weight_decay",
     "dynamic_loss_scale",
     "finalize_variable_values",
@@ -74,6 +81,7 @@ __all__ = [
     "keras_clipnorm",
     "keras_clipvalue",
     "keras_global_clipnorm",
+    "named_chain",
     "parameter_ema",
     "scale_by_keras_adamax",
     "scale_by_keras_learning_rate",

@@ -9,15 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import DTypeLike
 
-from adamax_optax import _common, _validation
-from adamax_optax._split import (
-    ALWAYS,
-    Gate,
-    SplitUpdate,
-    loop_variant,
-    split_of,
-    trip_count,
-)
+from adamax_optax import _common, _runner, _validation
+from adamax_optax._learning_rate import accumulating
 
 
 class AccumulateGradientsState(NamedTuple):
@@ -26,11 +19,12 @@ class AccumulateGradientsState(NamedTuple):
     Attributes:
       mini_step: micro-steps already taken in the current group (int32, in
         ``0 .. N - 1``).
-      accumulator: the sum of the group's gradients so far, in the state dtype.
-        The group's first micro-step overwrites it instead of adding to it, so it
-        is never reset: after an update it still holds the finished group's sum,
-        which nothing reads again. This saves a full write of the accumulator on
-        every update (the cost model: ``docs/semantics.md``).
+      accumulator: the sum of the group's gradients so far, in the state dtype;
+        on the group's last call it becomes the group's mean, which the update
+        reads. The group's first micro-step overwrites it instead of adding to
+        it, so it is never reset: after an update it still holds the finished
+        group's mean, which nothing reads again. This saves a full write of the
+        accumulator on every update (the cost model: ``docs/semantics.md``).
       inner_state: the state of the wrapped transformation; it only moves on the
         last micro-step of each group.
     """
@@ -40,44 +34,40 @@ class AccumulateGradientsState(NamedTuple):
     inner_state: optax.OptState
 
 
-def add_to_group_sum(
-    accumulator: optax.Updates, grads: optax.Updates, mini_step: jax.Array
+def add_to_group(
+    accumulator: optax.Updates,
+    grads: optax.Updates,
+    mini_step: jax.Array,
+    steps: int,
 ) -> optax.Updates:
-    """The group's running sum after ``grads``, in the accumulator's dtype.
+    """The accumulator after ``grads``, in its dtype: the group's running sum,
+    and on the group's last call (``mini_step == steps - 1``) the group's mean.
 
-    On the group's first micro-step (``mini_step == 0``) the sum is ``grads``
-    itself: what the accumulator held before belongs to the previous group.
+    On the group's first call (``mini_step == 0``) the sum is ``grads`` itself:
+    what the accumulator held before belongs to the previous group. Writing the
+    mean in place lets the inner transformation read it as a buffer: XLA's CPU
+    backend materialises a division it would have to share between a reduction
+    (a global norm) and elementwise kernels.
     """
-    first = mini_step == 0
+    first, last = mini_step == 0, mini_step == steps - 1
 
     def add(a: jax.Array, g: jax.Array) -> jax.Array:
         g = _common.sharded_like(g, a)
         dtype = _common.compute_dtype(a.dtype, g.dtype)
         g_wide = g.astype(dtype)
-        return jnp.where(first, g_wide, a.astype(dtype) + g_wide).astype(a.dtype)
+        total = jnp.where(first, g_wide, a.astype(dtype) + g_wide)
+        divisor = _common.as_compute_scalar(steps, _common.real_dtype(dtype))
+        mean = _common.divide_by_real(total, divisor)
+        return jnp.where(last, mean, total).astype(a.dtype)
 
     return jax.tree.map(add, accumulator, grads)
 
 
-def advance_mini_step(mini_step: jax.Array, steps: int) -> tuple[jax.Array, jax.Array]:
-    """Whether this call ends the group, and the ``mini_step`` after it."""
-    is_update = mini_step == steps - 1
-    return is_update, jnp.where(is_update, 0, mini_step + 1).astype(jnp.int32)
-
-
-def group_mean(
-    group_sum: optax.Updates, grads: optax.Updates, steps: int
-) -> optax.Updates:
-    """``group_sum / steps`` in the compute dtype, cast to the gradients' dtype
-    (as Keras)."""
-
-    def mean(s: jax.Array, g: jax.Array) -> jax.Array:
-        dtype = _common.compute_dtype(s.dtype, g.dtype)
-        divisor = _common.as_compute_scalar(steps, _common.real_dtype(dtype))
-        mean = _common.divide_by_real(s.astype(dtype), divisor).astype(g.dtype)
-        return _common.sharded_like(mean, g)
-
-    return jax.tree.map(mean, group_sum, grads)
+def as_gradients(accumulator: optax.Updates, grads: optax.Updates) -> optax.Updates:
+    """The accumulator in the gradients' dtypes and shardings (as Keras casts)."""
+    return jax.tree.map(
+        lambda a, g: _common.sharded_like(a.astype(g.dtype), g), accumulator, grads
+    )
 
 
 def check_gradient_accumulation_steps(value: Any) -> None:
@@ -95,7 +85,8 @@ def accumulate_gradients(
     gradient_accumulation_steps: int,
     *,
     state_dtype: DTypeLike | None = None,
-) -> optax.GradientTransformationExtraArgs:
+    gating: _runner.Gating | None = None,
+) -> _runner.Composite:
     r"""Applies ``inner`` once every ``N`` calls, to the mean of their gradients.
 
     With ``N = gradient_accumulation_steps``, calls ``1 .. N - 1`` of each group
@@ -106,21 +97,35 @@ def accumulate_gradients(
     is Keras' ``gradient_accumulation_steps``; unlike ``optax.MultiSteps`` the
     inner update is not computed on micro-steps.
 
-    Cost: a micro-step adds ``g`` into the accumulator inside a ``fori_loop`` of
-    0 or 1 trips and returns ``where(False, ..., 0)``, which XLA fuses into the
-    caller's ``optax.apply_updates``; the inner state is neither copied nor
-    recomputed. The update step advances the inner state in a second such loop
-    and computes the updates from the new state outside it (the two phases of
-    every transformation of this package). In a jitted step that donates the
-    parameters and the state this holds for any caller of ``update``: a Flax
-    ``TrainState``, an ``nnx.Optimizer``, ``optax.chain``. An ``inner`` not built
-    from this package's blocks has its updates recomputed from its old state
-    outside the loop, which keeps a copy of that state.
+    Cost: every call adds ``g`` into the accumulator in place (the last call of
+    a group writes the mean there); ``inner`` advances
+    behind a gate (``gating``) that is open on the group's last call only, and
+    its updates are emitted after the gate from its new state, selected to zero
+    on a micro-step (XLA fuses that into the caller's ``optax.apply_updates``).
+    So a micro-step reads the gradient, the accumulator and the parameters and
+    writes the last two, whoever calls ``update`` (a Flax ``TrainState``, an
+    ``nnx.Optimizer``, ``optax.chain``) in a jitted step that donates the
+    parameters and the state. This holds when ``inner`` is made of this
+    package's blocks and stateless optax transformations, composed with
+    :func:`adamax_optax.chain` or :func:`adamax_optax.named_chain`. Any other
+    stateful ``inner`` (``optax.adam``, an ``optax.chain`` of blocks) gives the
+    same numbers, but its updates are recomputed from its old state after the
+    gate, which keeps a copy of that state on an update step.
+
+    A schedule of :func:`scale_by_keras_learning_rate` inside ``inner`` is
+    evaluated at Keras' micro-step index, ``k * N + N - 1`` for update ``k``,
+    as in :func:`adamax`: the block reads ``N`` from this wrapper while the
+    wrapper traces ``inner``. optax's own schedules (``optax.scale_by_schedule``)
+    count updates, as in ``optax.MultiSteps``.
 
     Args:
       inner: the transformation to apply once per group.
       gradient_accumulation_steps: ``N``, an integer >= 2.
       state_dtype: dtype of the accumulator; ``None`` keeps each parameter's dtype.
+      gating: how the gate is compiled: ``"loop"``, ``"cond"``, ``"where"``
+        (which computes ``inner`` on every call and selects), or ``None`` for
+        the backend's default (see the performance page of the docs). All give
+        the same results.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -137,7 +142,8 @@ def accumulate_gradients(
     """
     check_gradient_accumulation_steps(gradient_accumulation_steps)
     _validation.check_state_dtype(state_dtype)
-    inner_split = split_of(inner)
+    gating = _runner.nested_gating(gating, inner)
+    inner = optax.with_extra_args_support(inner)
     steps = gradient_accumulation_steps
 
     def init_fn(params: optax.Params) -> AccumulateGradientsState:
@@ -148,69 +154,52 @@ def accumulate_gradients(
             inner_state=inner.init(params),
         )
 
-    def advance(
+    def update_fn(
         updates: optax.Updates,
         state: AccumulateGradientsState,
-        params: optax.Params | None,
-        gate: Gate,
+        params: optax.Params | None = None,
         **extra_args: Any,
-    ) -> AccumulateGradientsState:
+    ) -> tuple[optax.Updates, AccumulateGradientsState]:
         _common.check_updates_match(updates, state.accumulator, "accumulate_gradients")
-        is_update, mini_step = advance_mini_step(state.mini_step, steps)
-        runs = jnp.asarray(True) if gate.run is None else gate.run
-        if gate.run is not None:
-            mini_step = jnp.where(runs, mini_step, state.mini_step)
+        is_update = state.mini_step == steps - 1
+        accumulator = add_to_group(state.accumulator, updates, state.mini_step, steps)
 
-        def micro_step(trip: jax.Array, accumulator: Any) -> Any:
-            accumulator, grads = loop_variant(trip, (accumulator, updates))
-            return add_to_group_sum(accumulator, gate.divide(grads), state.mini_step)
+        def advance_inner(inner_state: Any, operands: Any) -> Any:
+            mean, current = operands
+            mean = as_gradients(mean, updates)
+            with accumulating(steps):
+                return inner.update(mean, inner_state, current, **extra_args)[1]
 
-        accumulator = jax.lax.fori_loop(
-            0, trip_count(runs & ~is_update), micro_step, state.accumulator
+        new_state = AccumulateGradientsState(
+            mini_step=jnp.where(is_update, 0, state.mini_step + 1).astype(jnp.int32),
+            accumulator=accumulator,
+            inner_state=_runner.gate(
+                is_update,
+                advance_inner,
+                state.inner_state,
+                (accumulator, params),
+                gating,
+            ),
         )
+        return emit_fn(updates, state, new_state, params, **extra_args), new_state
 
-        def update_step(trip: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
-            # The group's sum is written into the accumulator (in place) and
-            # the inner transformation reads it from there: XLA's CPU backend
-            # does not repeat a division or a conversion in several kernels, so
-            # a mean formed on the fly from the accumulator and ``g`` would be
-            # computed once into a gradient-sized temporary.
-            inner_state, group = carry
-            inner_state, group, grads, current = loop_variant(
-                trip, (inner_state, group, updates, params)
-            )
-            grads = gate.divide(grads)
-            group = add_to_group_sum(group, grads, state.mini_step)
-            inner_state = inner_split.advance(
-                group_mean(group, grads, steps),
-                inner_state,
-                current,
-                ALWAYS,
-                **extra_args,
-            )
-            return inner_state, group
-
-        inner_state, accumulator = jax.lax.fori_loop(
-            0,
-            trip_count(runs & is_update),
-            update_step,
-            (state.inner_state, accumulator),
-        )
-        return AccumulateGradientsState(mini_step, accumulator, inner_state)
-
-    def emit(
+    def emit_fn(
         updates: optax.Updates,
         state: AccumulateGradientsState,
         new_state: AccumulateGradientsState,
-        params: optax.Params | None,
-        gate: Gate,
+        params: optax.Params | None = None,
         **extra_args: Any,
     ) -> optax.Updates:
-        updated = Gate(run=state.mini_step == steps - 1).also(run=gate.run)
-        mean = group_mean(new_state.accumulator, updates, steps)
-        emitted = inner_split.emit(
-            mean, state.inner_state, new_state.inner_state, params, ALWAYS, **extra_args
-        )
-        return updated.select(emitted)
+        mean = as_gradients(new_state.accumulator, updates)
+        with accumulating(steps):
+            emitted = _runner.emit_updates(
+                inner,
+                mean,
+                state.inner_state,
+                new_state.inner_state,
+                params,
+                **extra_args,
+            )
+        return _runner.select(state.mini_step == steps - 1, emitted)
 
-    return optax.GradientTransformationExtraArgs(init_fn, SplitUpdate(advance, emit))
+    return _runner.Composite(init_fn, update_fn, emit_fn, (inner,), gating)

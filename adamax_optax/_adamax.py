@@ -11,7 +11,7 @@ import optax
 from jax.typing import ArrayLike, DTypeLike
 
 from adamax_optax import _common, _validation
-from adamax_optax._split import split_transformation
+from adamax_optax._runner import Block
 
 
 class ScaleByKerasAdamaxState(NamedTuple):
@@ -35,7 +35,7 @@ def scale_by_keras_adamax(
     epsilon: ArrayLike = 1e-7,
     *,
     state_dtype: DTypeLike | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Block:
     r"""Rescales updates by the Adamax rule exactly as Keras computes it.
 
     With ``t`` the number of updates applied so far plus one, each leaf becomes::
@@ -71,7 +71,8 @@ def scale_by_keras_adamax(
         dtype. A complex parameter keeps complex ``m`` of that precision.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``.
+      A :class:`Block`: an ``optax.GradientTransformationExtraArgs`` whose
+      ``emit`` reads the direction from the new ``m`` and ``u``.
 
     Example (Keras' own golden value, one step with learning rate 0.5):
       >>> import jax.numpy as jnp, optax
@@ -132,14 +133,13 @@ def scale_by_keras_adamax(
 
     def emit(
         updates: optax.Updates,
-        state: ScaleByKerasAdamaxState,
         new_state: ScaleByKerasAdamaxState,
         params: optax.Params | None = None,
     ) -> optax.Updates:
         # Keras reads m and u back after assigning them, i.e. rounded to the
         # state dtype; so does this phase, which reads only the new state.
         del params
-        t = state.count + 1
+        t = new_state.count  # this update's 1-based number
 
         @_common.per_dtype
         def scalars(real: np.dtype) -> tuple[jax.Array, ArrayLike]:
@@ -157,4 +157,4 @@ def scale_by_keras_adamax(
 
         return jax.tree.map(direction, updates, new_state.m, new_state.u)
 
-    return split_transformation(init_fn, advance, emit)
+    return Block.from_phases(init_fn, advance, emit)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adamax_optax import _common, _validation
+from adamax_optax import _common, _runner, _validation
 from adamax_optax._accumulation import (
     accumulate_gradients,
     check_gradient_accumulation_steps,
@@ -35,7 +35,6 @@ from adamax_optax._learning_rate import (
     scale_by_keras_learning_rate,
 )
 from adamax_optax._loss_scale import unscale_gradients
-from adamax_optax._split import SplitUpdate, map_incoming, named_chain, split_of
 from adamax_optax._weight_decay import ExcludeFromWeightDecay, decoupled_weight_decay
 
 
@@ -72,7 +71,8 @@ def adamax(
     state_dtype: DTypeLike | None = None,
     dynamic_loss_scale: bool | Mapping[str, Any] = False,
     ema_warmup: bool = False,
-) -> optax.GradientTransformationExtraArgs:
+    gating: _runner.Gating | None = None,
+) -> _runner.Composite:
     r"""Keras' ``Adamax`` optimizer, every option included, as an optax transform.
 
     Takes the signature of ``keras.optimizers.Adamax`` and reproduces its
@@ -142,6 +142,11 @@ def adamax(
         Keras' ``LossScaleOptimizer``: multiply the loss by
         :func:`get_loss_scale` and pass the scaled gradients. Exclusive with
         ``loss_scale_factor``.
+      gating: how a call that leaves the state alone (an accumulation
+        micro-step, a skipped loss-scale step) is compiled: ``"loop"``,
+        ``"cond"``, ``"where"`` (computes the inner update and selects), or
+        ``None`` for the backend's default. All give the same results; see
+        :func:`accumulate_gradients` and the performance page of the docs.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -178,6 +183,7 @@ def adamax(
     if gradient_accumulation_steps is not None:
         check_gradient_accumulation_steps(gradient_accumulation_steps)
     scaling = _dynamic_loss_scale_settings(dynamic_loss_scale)
+    _runner.check_gating(gating)
     _warn_without_effect(
         ema_overwrite_frequency is not None and not use_ema,
         f"`ema_overwrite_frequency={ema_overwrite_frequency}` has no effect "
@@ -216,9 +222,9 @@ def adamax(
                 ),
             )
         )
-    steps_per_update = (
-        1 if gradient_accumulation_steps is None else gradient_accumulation_steps
-    )
+    # Under accumulation (ours, or one wrapped around this optimizer by the
+    # user) the schedule counts micro-steps; the state records its first rate.
+    steps_per_update = gradient_accumulation_steps
     update_chain.append(
         (
             "learning_rate",
@@ -246,27 +252,50 @@ def adamax(
     if gradient_accumulation_steps is None:
         chain.extend(update_chain)
     else:
-        inner = named_chain(*update_chain)
+        inner = _runner.named_chain(*update_chain)
         accumulate = accumulate_gradients(
-            inner, gradient_accumulation_steps, state_dtype=state_dtype
+            inner, gradient_accumulation_steps, state_dtype=state_dtype, gating=gating
         )
         chain.append(("accumulate", accumulate))
-    optimizer = named_chain(*chain)
+    optimizer: _runner.Composite = _runner.named_chain(*chain)
     if scaling is not None:
-        optimizer = wrap_dynamic_loss_scale(optimizer, **scaling)
-    # As Keras does, gradients are cast to their parameter's dtype on entry (the
-    # arithmetic then runs in the compute dtype), so updates leave in it.
-    split = map_incoming(split_of(optimizer), _common.cast_to_params)
-    update = AdamaxUpdate(split.advance, split.emit, split.ungated, arguments=arguments)
-    return optax.GradientTransformationExtraArgs(optimizer.init, update)
+        optimizer = wrap_dynamic_loss_scale(optimizer, **scaling, gating=gating)
+    return _cast_on_entry(optimizer, arguments)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class AdamaxUpdate(SplitUpdate):
+class AdamaxUpdate:
     """The update function of an :func:`adamax` optimizer; it keeps the
     arguments the optimizer was built with, for :func:`get_config`."""
 
-    arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    update: Any
+    arguments: Mapping[str, Any]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.update(*args, **kwargs)
+
+
+def _cast_on_entry(
+    optimizer: _runner.Composite, arguments: Mapping[str, Any]
+) -> _runner.Composite:
+    """``optimizer`` with gradients cast to their parameter's dtype first, as
+    Keras casts them to the variable's (the arithmetic then runs in the compute
+    dtype), so that updates leave in it."""
+
+    def update(updates, state, params=None, **extra_args):
+        updates = _common.cast_to_params(updates, params)
+        return optimizer.update(updates, state, params, **extra_args)
+
+    def emit_updates(updates, state, new_state, params=None, **extra_args):
+        updates = _common.cast_to_params(updates, params)
+        return optimizer.emit_updates(updates, state, new_state, params, **extra_args)
+
+    return _runner.Composite(
+        optimizer.init,
+        AdamaxUpdate(update, arguments),
+        emit_updates,
+        (optimizer,),
+    )
 
 
 def arguments_of(optimizer: optax.GradientTransformation) -> dict[str, Any]:

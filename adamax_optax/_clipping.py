@@ -10,7 +10,6 @@ import optax
 from jax.typing import ArrayLike
 
 from adamax_optax import _common, _validation
-from adamax_optax._split import stateless_transformation
 
 
 def _in_compute_dtype(fn: Callable[[jax.Array], jax.Array], g: jax.Array) -> jax.Array:
@@ -36,6 +35,20 @@ def _separate_read(tree: optax.Updates) -> optax.Updates:
         for i, g in zip(converted, separate, strict=True):
             leaves[i] = g
     return jax.tree.unflatten(treedef, leaves)
+
+
+def stateless(
+    transform: Callable[[optax.Updates], optax.Updates],
+) -> optax.GradientTransformationExtraArgs:
+    """A transformation without state: ``updates = transform(updates)``."""
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        return transform(updates), state
+
+    return optax.GradientTransformationExtraArgs(
+        lambda params: optax.EmptyState(), update_fn
+    )
 
 
 def _abs_sq(g: jax.Array) -> jax.Array:
@@ -85,9 +98,7 @@ def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformationExtraArgs
         clipped = _common.by_parts(lambda g: (g * c) / denominator, g)
         return clipped.astype(update.dtype)
 
-    return stateless_transformation(
-        lambda updates, params: jax.tree.map(clip_leaf, updates)
-    )
+    return stateless(lambda updates: jax.tree.map(clip_leaf, updates))
 
 
 def keras_global_clipnorm(
@@ -120,8 +131,7 @@ def keras_global_clipnorm(
     """
     _validation.check_positive("global_clipnorm", global_clipnorm)
 
-    def clip(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:
-        del params
+    def clip(updates: optax.Updates) -> optax.Updates:
         leaves = jax.tree.leaves(updates)
         dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
         c = _common.as_compute_scalar(global_clipnorm, dtype)
@@ -143,7 +153,7 @@ def keras_global_clipnorm(
 
         return jax.tree.map(clip_leaf, updates)
 
-    return stateless_transformation(clip)
+    return stateless(clip)
 
 
 def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformationExtraArgs:
@@ -173,8 +183,7 @@ def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformationExtraAr
         v = _common.as_compute_scalar(clipvalue, g.dtype)
         return jnp.clip(g, -v, v)
 
-    def clip(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:
-        del params
+    def clip(updates: optax.Updates) -> optax.Updates:
         for path, g in jax.tree_util.tree_flatten_with_path(updates)[0]:
             if _common.is_complex(g.dtype):
                 raise TypeError(
@@ -184,4 +193,4 @@ def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformationExtraAr
                 )
         return jax.tree.map(lambda g: _in_compute_dtype(clip_leaf, g), updates)
 
-    return stateless_transformation(clip)
+    return stateless(clip)

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamax_optax import _common, _validation
-from adamax_optax._split import Gate, SplitUpdate, split_of
+from adamax_optax import _common, _runner, _validation
 
 
 class DynamicLossScaleState(NamedTuple):
@@ -83,7 +82,8 @@ def dynamic_loss_scale(
     growth_steps: int = 2000,
     factor: float = 2.0,
     min_loss_scale: float = 1.0,
-) -> optax.GradientTransformationExtraArgs:
+    gating: _runner.Gating | None = None,
+) -> _runner.Composite:
     r"""Wraps ``inner`` with dynamic loss scaling, as Keras' ``LossScaleOptimizer``.
 
     Multiply the loss by ``get_loss_scale(state)`` before differentiating and
@@ -97,8 +97,9 @@ def dynamic_loss_scale(
       scale becomes ``max(s / factor, min_loss_scale)``.
 
     Keras has no floor (``min_loss_scale``); jmp does. The defaults are Keras'.
-    A skipped step copies nothing: ``inner`` advances inside a loop of 0 or 1
-    trips and its updates are selected to zero (see :func:`accumulate_gradients`).
+    A skipped step copies nothing: ``inner`` advances behind a gate that is
+    closed on a skipped step, and its updates are emitted after it from its new
+    state, selected to zero (see :func:`accumulate_gradients`).
 
     Args:
       inner: the transformation to protect.
@@ -106,6 +107,7 @@ def dynamic_loss_scale(
       growth_steps: finite steps in a row before growing, >= 1.
       factor: growth and back-off factor, > 1.
       min_loss_scale: the scale never goes below this, > 0.
+      gating: how the gate is compiled (see :func:`accumulate_gradients`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -125,7 +127,8 @@ def dynamic_loss_scale(
     check_dynamic_loss_scale_settings(
         initial_scale, growth_steps, factor, min_loss_scale
     )
-    inner_split = split_of(inner)
+    gating = _runner.nested_gating(gating, inner)
+    inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> DynamicLossScaleState:
         return DynamicLossScaleState(
@@ -134,25 +137,12 @@ def dynamic_loss_scale(
             inner_state=inner.init(params),
         )
 
-    def inner_gate(finite: jax.Array, state: DynamicLossScaleState, gate: Gate) -> Gate:
-        """Run ``inner`` on ``g / scale`` when every gradient is finite."""
-        return gate.also(run=finite, divisor=state.loss_scale)
+    def unscaled(updates: optax.Updates, scale: jax.Array) -> optax.Updates:
+        return jax.tree.map(lambda g: _common.divide_in_compute(g, scale), updates)
 
-    def advance(
-        updates: optax.Updates,
-        state: DynamicLossScaleState,
-        params: optax.Params | None,
-        gate: Gate,
-        **extra_args: Any,
-    ) -> DynamicLossScaleState:
-        finite = all_finite(updates)
-        inner_state = inner_split.advance(
-            updates,
-            state.inner_state,
-            params,
-            inner_gate(finite, state, gate),
-            **extra_args,
-        )
+    def next_scale(
+        finite: jax.Array, state: DynamicLossScaleState
+    ) -> tuple[jax.Array, jax.Array]:
         scale = state.loss_scale
         f = _common.as_compute_scalar(factor)
         grown = scale * f
@@ -162,26 +152,42 @@ def dynamic_loss_scale(
         backed_off = jnp.maximum(scale / f, _common.as_compute_scalar(min_loss_scale))
         loss_scale = jnp.where(finite, finite_scale, backed_off).astype(scale.dtype)
         good_steps = jnp.where(finite, finite_good_steps, 0).astype(jnp.int32)
-        if gate.run is not None:
-            loss_scale = jnp.where(gate.run, loss_scale, scale)
-            good_steps = jnp.where(gate.run, good_steps, state.good_steps)
-        return DynamicLossScaleState(loss_scale, good_steps, inner_state)
+        return loss_scale, good_steps
 
-    def emit(
+    def update_fn(
+        updates: optax.Updates,
+        state: DynamicLossScaleState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, DynamicLossScaleState]:
+        finite = all_finite(updates)
+
+        def advance_inner(inner_state: Any, operands: Any) -> Any:
+            grads, current = operands
+            grads = unscaled(grads, state.loss_scale)
+            return inner.update(grads, inner_state, current, **extra_args)[1]
+
+        inner_state = _runner.gate(
+            finite, advance_inner, state.inner_state, (updates, params), gating
+        )
+        new_state = DynamicLossScaleState(*next_scale(finite, state), inner_state)
+        return emit_fn(updates, state, new_state, params, **extra_args), new_state
+
+    def emit_fn(
         updates: optax.Updates,
         state: DynamicLossScaleState,
         new_state: DynamicLossScaleState,
-        params: optax.Params | None,
-        gate: Gate,
+        params: optax.Params | None = None,
         **extra_args: Any,
     ) -> optax.Updates:
-        return inner_split.emit(
-            updates,
+        emitted = _runner.emit_updates(
+            inner,
+            unscaled(updates, state.loss_scale),
             state.inner_state,
             new_state.inner_state,
             params,
-            inner_gate(all_finite(updates), state, gate),
             **extra_args,
         )
+        return _runner.select(all_finite(updates), emitted)
 
-    return optax.GradientTransformationExtraArgs(init_fn, SplitUpdate(advance, emit))
+    return _runner.Composite(init_fn, update_fn, emit_fn, (inner,), gating)

@@ -11,7 +11,7 @@ import optax
 from jax.typing import ArrayLike, DTypeLike
 
 from adamax_optax import _common, _validation
-from adamax_optax._split import split_transformation
+from adamax_optax._runner import Block
 
 
 class ParameterEMAState(NamedTuple):
@@ -55,7 +55,7 @@ def parameter_ema(
     *,
     ema_warmup: bool = False,
     state_dtype: DTypeLike | None = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> Block:
     r"""Tracks a moving average of the parameters; can overwrite them with it.
 
     Put it last in a chain, so that ``w_new = params + updates`` are the
@@ -88,7 +88,8 @@ def parameter_ema(
       state_dtype: dtype of the average; ``None`` keeps each parameter's dtype.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` that needs ``params``.
+      A :class:`Block` (an ``optax.GradientTransformationExtraArgs``) that needs
+      ``params``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -150,14 +151,13 @@ def parameter_ema(
 
     def emit(
         updates: optax.Updates,
-        state: ParameterEMAState,
         new_state: ParameterEMAState,
         params: optax.Params | None = None,
     ) -> optax.Updates:
         if ema_overwrite_frequency is None:
             return updates
         _common.require_params(params, "parameter_ema")
-        overwrite = (state.count + 1) % ema_overwrite_frequency == 0
+        overwrite = new_state.count % ema_overwrite_frequency == 0
 
         def overwritten(u: jax.Array, e: jax.Array, w: jax.Array) -> jax.Array:
             e = _common.sharded_like(e, w)
@@ -167,7 +167,7 @@ def parameter_ema(
 
         return jax.tree.map(overwritten, updates, new_state.ema, params)
 
-    return split_transformation(init_fn, advance, emit)
+    return Block.from_phases(init_fn, advance, emit)
 
 
 def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) -> Any:

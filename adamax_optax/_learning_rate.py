@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -11,10 +13,25 @@ import jax.numpy as jnp
 import optax
 
 from adamax_optax import _common, _validation
-from adamax_optax._split import split_transformation
 
 LearningRate = float | int | jax.Array | Callable[..., Any]
 """A number, a schedule ``count -> rate`` (optax or Keras), or ``() -> rate``."""
+
+
+_ENCLOSING_STEPS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "gradient_accumulation_steps", default=None
+)
+
+
+@contextlib.contextmanager
+def accumulating(steps: int) -> Iterator[None]:
+    """While tracing an accumulation wrapper's inner update: schedules inside
+    are evaluated every ``steps`` micro-steps (Keras' counter)."""
+    token = _ENCLOSING_STEPS.set(steps)
+    try:
+        yield
+    finally:
+        _ENCLOSING_STEPS.reset(token)
 
 
 class ScaleByKerasLearningRateState(NamedTuple):
@@ -86,7 +103,7 @@ def as_update_schedule(
 def scale_by_keras_learning_rate(
     learning_rate: LearningRate = 0.001,
     *,
-    steps_per_update: int = 1,
+    steps_per_update: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Multiplies updates by ``-learning_rate``, with Keras' schedule semantics.
 
@@ -95,18 +112,25 @@ def scale_by_keras_learning_rate(
 
     * a number (an ``int`` is accepted, unlike Keras);
     * a schedule ``step -> rate``: an optax schedule or a Keras
-      ``LearningRateSchedule``; with ``steps_per_update = N`` (gradient
-      accumulation) it is evaluated at Keras' micro-step index ``k * N + N - 1``;
+      ``LearningRateSchedule``; with ``N`` steps per update (gradient
+      accumulation) it is evaluated at Keras' micro-step index
+      ``k * N + N - 1``;
     * a callable with no arguments, called on each update. Under ``jax.jit`` it
       is evaluated once, when the step is traced, so its value is frozen into
       the compiled step: prefer a schedule or ``optax.inject_hyperparams``.
 
-    The state records the rate the next update will use.
+    Inside :func:`accumulate_gradients` the block takes ``N`` from the wrapper
+    (while the wrapper traces its inner update), so a composition evaluates its
+    schedule where :func:`adamax` does. The state
+    records the rate the next update will use; a fresh state records
+    ``lr(steps_per_update - 1)``.
 
     Args:
       learning_rate: the learning rate in any of the forms above.
       steps_per_update: micro-steps per update (Keras'
-        ``gradient_accumulation_steps``), for evaluating schedules.
+        ``gradient_accumulation_steps``) for evaluating schedules; ``None``
+        takes it from an enclosing :func:`accumulate_gradients`, else 1. A
+        value that disagrees with the enclosing wrapper is an error.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -121,34 +145,42 @@ def scale_by_keras_learning_rate(
       (Array([-1., -1.], dtype=float32), 0.75)
     """
     check_learning_rate(learning_rate)
-    _validation.check_integer_at_least(
-        "steps_per_update", steps_per_update, 1, "`steps_per_update` must be >= 1."
-    )
-    schedule = as_update_schedule(learning_rate, steps_per_update)
+    if steps_per_update is not None:
+        _validation.check_integer_at_least(
+            "steps_per_update", steps_per_update, 1, "`steps_per_update` must be >= 1."
+        )
+
+    def schedule_for(gradient_accumulation_steps: int | None) -> Any:
+        steps = steps_per_update
+        if gradient_accumulation_steps is not None:
+            # One accumulation inside another: the innermost counts.
+            if steps not in (None, gradient_accumulation_steps):
+                raise ValueError(
+                    f"`scale_by_keras_learning_rate(steps_per_update={steps})` is "
+                    "inside `accumulate_gradients` with "
+                    f"{gradient_accumulation_steps} steps: leave `steps_per_update` "
+                    "unset there, or make the two agree."
+                )
+            steps = gradient_accumulation_steps
+        return as_update_schedule(learning_rate, 1 if steps is None else steps)
 
     def init_fn(params: optax.Params) -> ScaleByKerasLearningRateState:
         del params
         count = jnp.zeros([], jnp.int32)
         # A copy: a constant rate passed in by ``optax.inject_hyperparams`` must
         # not be the same buffer as its hyperparameter (donation would fail).
-        return ScaleByKerasLearningRateState(count, jnp.array(schedule(count)))
+        return ScaleByKerasLearningRateState(
+            count, jnp.array(schedule_for(None)(count))
+        )
 
-    def advance(
+    def update_fn(
         updates: optax.Updates,
         state: ScaleByKerasLearningRateState,
         params: optax.Params | None = None,
-    ) -> ScaleByKerasLearningRateState:
-        del updates, params
-        count = optax.safe_increment(state.count)
-        return ScaleByKerasLearningRateState(count, schedule(count))
-
-    def emit(
-        updates: optax.Updates,
-        state: ScaleByKerasLearningRateState,
-        new_state: ScaleByKerasLearningRateState,
-        params: optax.Params | None = None,
-    ) -> optax.Updates:
-        del new_state, params
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, ScaleByKerasLearningRateState]:
+        del params, extra_args
+        schedule = schedule_for(_ENCLOSING_STEPS.get())
         negative_rate = _common.per_dtype(lambda dtype: -schedule(state.count, dtype))
 
         def scale(u: jax.Array) -> jax.Array:
@@ -156,6 +188,8 @@ def scale_by_keras_learning_rate(
             rate = negative_rate(_common.real_dtype(dtype))
             return _common.by_parts(lambda u: rate * u, u.astype(dtype)).astype(u.dtype)
 
-        return jax.tree.map(scale, updates)
+        count = optax.safe_increment(state.count)
+        new_state = ScaleByKerasLearningRateState(count, schedule(count))
+        return jax.tree.map(scale, updates), new_state
 
-    return split_transformation(init_fn, advance, emit)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -10,7 +10,6 @@ import optax
 from jax.typing import ArrayLike
 
 from adamax_optax import _common, _validation
-from adamax_optax._split import Gate, split_transformation
 
 
 class StaticLossScaleState(NamedTuple):
@@ -33,9 +32,8 @@ def unscale_gradients(
     undoes it: ``g = g / loss_scale_factor``. It runs on every call, before
     gradient accumulation, as Keras does.
 
-    In front of gradient accumulation inside :func:`adamax` the division happens
-    inside the accumulation's loops, fused with the sum, rather than into a
-    gradient-sized temporary.
+    In front of gradient accumulation the division is fused into the
+    accumulator's sum, rather than written into a gradient-sized temporary.
 
     Args:
       loss_scale_factor: the factor the loss was multiplied by, > 0.
@@ -53,22 +51,16 @@ def unscale_gradients(
     """
     _validation.check_positive("loss_scale_factor", loss_scale_factor)
 
-    def current_state() -> StaticLossScaleState:
+    def init_fn(params: optax.Params) -> StaticLossScaleState:
+        del params
         scale = jnp.asarray(loss_scale_factor).astype(_common.COMPUTE_DTYPE)
         return StaticLossScaleState(loss_scale=scale)
 
-    def init_fn(params: optax.Params) -> StaticLossScaleState:
-        del params
-        return current_state()
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        unscaled = jax.tree.map(
+            lambda g: _common.divide_in_compute(g, loss_scale_factor), updates
+        )
+        return unscaled, state
 
-    def advance(updates, state, params=None):
-        del updates, state, params
-        return current_state()
-
-    def emit(updates, state, new_state, params=None):
-        del state, params
-        return Gate(divisor=new_state.loss_scale).divide(updates)
-
-    return split_transformation(
-        init_fn, advance, emit, divisor=lambda state: current_state().loss_scale
-    )
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

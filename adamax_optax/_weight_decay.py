@@ -12,7 +12,6 @@ import optax
 from jax.typing import ArrayLike
 
 from adamax_optax import _common, _validation
-from adamax_optax._split import stateless_transformation
 
 ExcludeFromWeightDecay = str | Sequence[str] | Any | Callable[[Any], Any] | None
 """Patterns, a pytree of bools (``True`` = excluded), or ``params -> such a tree``."""
@@ -95,7 +94,7 @@ def warn_unmatched_patterns(
                 f"parameter, so it excludes nothing (key paths read like "
                 f"{examples}).",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
 
 
@@ -151,11 +150,13 @@ def decoupled_weight_decay(
             lambda u, w: u + wd * w, u.astype(dtype), w.astype(dtype)
         ).astype(u.dtype)
 
-    def decay(updates: optax.Updates, params: optax.Params | None) -> optax.Updates:
-        _common.require_params(params, "decoupled_weight_decay")
-        return jax.tree.map(decay_leaf, excluded(params), updates, params)
-
-    def check_patterns(params: optax.Params) -> None:
+    def init_fn(params: optax.Params) -> optax.EmptyState:
         warn_unmatched_patterns(exclude_from_weight_decay, params)
+        return optax.EmptyState()
 
-    return stateless_transformation(decay, check_params=check_patterns)
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _common.require_params(params, "decoupled_weight_decay")
+        return jax.tree.map(decay_leaf, excluded(params), updates, params), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

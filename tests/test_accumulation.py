@@ -21,8 +21,8 @@ def test_updates_with_the_group_mean_every_n_calls():
     assert outputs == [[0, 0], [0, 0], [-3, -4], [0, 0], [0, 0], [-2, -1]]
     assert isinstance(state, AccumulateGradientsState)
     assert int(state.mini_step) == 0
-    # Not reset: it holds the finished group's sum, which nothing reads again ...
-    np.testing.assert_array_equal(state.accumulator, [6.0, 3.0])
+    # Not reset: it holds the finished group's mean, which nothing reads again ...
+    np.testing.assert_array_equal(state.accumulator, [2.0, 1.0])
     # ... because the next group's first call overwrites it.
     _, state = update(jnp.array([2.0, 5.0]), state)
     np.testing.assert_array_equal(state.accumulator, [2.0, 5.0])

@@ -605,8 +605,9 @@ def test_departure_accumulator_is_not_zeroed_after_an_update():
     tx = adamax(1.0, gradient_accumulation_steps=2)
     v = jnp.ones(2)
     state = tx.init(v)
-    for _ in range(2):
-        _, state = tx.update(jnp.ones(2), state, v)
+    for g in (1.0, 3.0):
+        _, state = tx.update(jnp.full(2, g), state, v)
+    # The finished group's mean, (1 + 3) / 2, where Keras holds zeros.
     np.testing.assert_array_equal(state["accumulate"].accumulator, [2.0, 2.0])
 
 

@@ -126,34 +126,6 @@ def test_jit_apply_needs_a_transformation():
         jit_apply(lambda g, s, p: (g, s))
 
 
-NO_TEMPORARY = {
-    "defaults": {},
-    "clip, decay, EMA, loss scale": dict(
-        weight_decay=0.01, global_clipnorm=1.0, use_ema=True, loss_scale_factor=3.0
-    ),
-    "the same, accumulation 4": dict(
-        weight_decay=0.01,
-        global_clipnorm=1.0,
-        use_ema=True,
-        loss_scale_factor=3.0,
-        gradient_accumulation_steps=4,
-    ),
-}
-
-
-@pytest.mark.parametrize("name", NO_TEMPORARY)
-def test_no_parameter_sized_temporary(name):
-    """XLA's buffer assignment holds nothing the size of a leaf besides the
-    donated parameters and state and the gradients: no copy, no materialised
-    ``g / loss_scale`` or ``|g|`` (float32, where every rule fuses)."""
-    tx = adamax(**NO_TEMPORARY[name])
-    params = {"w": jnp.ones((256, 1024)), "b": jnp.ones((128, 1024))}
-    state = tx.init(params)
-    compiled = jit_apply(tx).lower(params, state, params).compile()
-    smallest_leaf_bytes = 128 * 1024 * 4
-    assert compiled.memory_analysis().temp_size_in_bytes < smallest_leaf_bytes
-
-
 @pytest.mark.parametrize("clip", ["global_clipnorm", "clipnorm"])
 def test_bfloat16_clipping_holds_no_float32_gradient(clip):
     """The norm reads the bfloat16 gradients itself; no float32 convert of them

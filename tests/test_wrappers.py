@@ -1,15 +1,6 @@
-"""One code path: ``tx.update`` itself compiles to the no-copy form, wrapped or not.
-
-A training step that calls ``tx.update`` and ``optax.apply_updates`` under
-``jax.jit`` with the parameters and state donated (the Flax ``TrainState`` and
-``nnx.Optimizer`` way) must update every buffer in place: XLA's buffer assignment
-holds no temporary the size of a leaf and its program no copy of one, on a
-micro-step, on an update step and on a skipped step alike.
-"""
+"""Wrapped optimizers move as the bare one; foreign inners keep their numbers."""
 
 from __future__ import annotations
-
-import re
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from adamax_optax import accumulate_gradients, adamax, dynamic_loss_scale, jit_apply
+from adamax_optax import accumulate_gradients, adamax, jit_apply
 from tests.conftest import make_problem
 from tests.reference import ReferenceAdamax
-
-SHAPES = {"w": (256, 1024), "b": (128, 1024)}
-SMALLEST_LEAF_BYTES = 128 * 1024 * 4
 
 ACCUMULATE = dict(gradient_accumulation_steps=4)
 EVERY_OPTION = dict(
@@ -41,21 +29,9 @@ def inject(**options):
 
 
 WRAPPED = {
-    "bare": lambda: adamax(**ACCUMULATE),
-    "every option": lambda: adamax(**EVERY_OPTION),
-    "loss_scale_factor": lambda: adamax(loss_scale_factor=3.0, **EVERY_OPTION),
-    "dynamic_loss_scale": lambda: adamax(dynamic_loss_scale=True, **EVERY_OPTION),
     "chain(identity, tx)": lambda: optax.chain(optax.identity(), adamax(**ACCUMULATE)),
-    "chain(identity, tx, scale)": lambda: optax.chain(
-        optax.identity(), adamax(**ACCUMULATE), optax.scale(0.5)
-    ),
     "inject_hyperparams": lambda: inject(**ACCUMULATE),
-    "dynamic_loss_scale(accumulate_gradients(...))": lambda: dynamic_loss_scale(
-        accumulate_gradients(adamax(weight_decay=0.01), 3)
-    ),
-    "no accumulation, clip+decay+EMA": lambda: adamax(
-        weight_decay=0.01, global_clipnorm=1.0, use_ema=True, loss_scale_factor=3.0
-    ),
+    "dynamic_loss_scale": lambda: adamax(dynamic_loss_scale=True, **EVERY_OPTION),
 }
 
 
@@ -65,56 +41,6 @@ def donated_step(tx):
         return optax.apply_updates(params, updates), state
 
     return jax.jit(step, donate_argnums=(0, 1))
-
-
-def assert_no_leaf_sized_copy(compiled):
-    assert compiled.memory_analysis().temp_size_in_bytes < SMALLEST_LEAF_BYTES
-    leaf_copy = re.compile(r"= f32\[(256|128),1024\]\{[0-9,]*\} copy\(")
-    assert not leaf_copy.search(compiled.as_text())
-
-
-@pytest.mark.parametrize("name", WRAPPED)
-def test_update_compiles_to_in_place_form(name):
-    tx = WRAPPED[name]()
-    params = {k: jnp.ones(s) for k, s in SHAPES.items()}
-    compiled = donated_step(tx).lower(params, tx.init(params), params).compile()
-    assert_no_leaf_sized_copy(compiled)
-
-
-def test_flax_train_state_step_compiles_to_in_place_form():
-    from flax.training import train_state
-
-    tx = adamax(**EVERY_OPTION)
-    params = {k: jnp.ones(s) for k, s in SHAPES.items()}
-    state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
-
-    def step(state, grads):
-        return state.apply_gradients(grads=grads)
-
-    compiled = jax.jit(step, donate_argnums=0).lower(state, params).compile()
-    assert_no_leaf_sized_copy(compiled)
-
-
-def test_nnx_optimizer_step_compiles_to_in_place_form():
-    from flax import nnx
-
-    class Model(nnx.Module):
-        def __init__(self):
-            self.w = nnx.Param(jnp.ones(SHAPES["w"]))
-            self.b = nnx.Param(jnp.ones(SHAPES["b"]))
-
-    model = Model()
-    optimizer = nnx.Optimizer(model, adamax(**EVERY_OPTION), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
-
-    def step(state, grads):
-        model, optimizer = nnx.merge(graphdef, state)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer))
-
-    grads = nnx.state(model, nnx.Param)
-    compiled = jax.jit(step, donate_argnums=0).lower(state, grads).compile()
-    assert_no_leaf_sized_copy(compiled)
 
 
 def run(tx, params, grads):

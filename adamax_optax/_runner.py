@@ -1,0 +1,299 @@
+"""The gated runner: a call that may leave the state alone, compiled without copies.
+
+Gradient accumulation, dynamic loss scaling and skipping non-finite steps each
+decide, per call, whether the transformation they wrap advances. Written as
+``lax.cond(run, inner.update, keep)``, the updates leaving the conditional are
+materialised (zeros on a skipped call) and, on older XLA, the state is copied.
+This module runs such a call in two phases instead:
+
+1. **advance** the inner state under a gate (:func:`gate`), which keeps the
+   state buffers in place and leaves them untouched when the gate is closed;
+2. **emit** the updates outside the gate, from the new state
+   (:func:`emit_updates`), selected to zero by ``where(run, updates, 0)``, which
+   XLA fuses into the caller's ``optax.apply_updates``.
+
+Emitting from the new state needs each transformation to say how. Three kinds:
+
+* a :class:`Block` (an ordinary optax transformation with an ``emit``) computes
+  its updates from its new state; ``emit`` is never given the old state, so a
+  block cannot keep it alive by mistake;
+* a :class:`Composite` (:func:`chain`, :func:`named_chain` and the gated
+  wrappers) emits through its members;
+* any other transformation is run again on its old state: correct, and free for
+  a stateless one (``optax.scale``, ``optax.clip_by_global_norm``), but a stateful
+  one keeps a copy of its state alive across the gate.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Gating = Literal["loop", "cond", "where"]
+"""How a gate is compiled: ``"loop"``, a ``fori_loop`` of 0 or 1 trips;
+``"cond"``, a ``lax.cond``; ``"where"``, branch-free (advance, then select)."""
+
+GATINGS: tuple[Gating, ...] = ("loop", "cond", "where")
+
+Emit = Callable[..., optax.Updates]
+"""A block's ``emit(updates, new_state, params, **extra_args) -> updates``."""
+EmitUpdates = Callable[..., optax.Updates]
+"""A composite's ``(updates, state, new_state, params, **extra_args) -> updates``."""
+
+
+def check_gating(gating: Any) -> None:
+    """``None`` or one of :data:`GATINGS`, else a ``ValueError`` naming it."""
+    if gating is not None and gating not in GATINGS:
+        raise ValueError(
+            f"`gating` must be one of {GATINGS} or None. Received: gating={gating!r}"
+        )
+
+
+def default_gating() -> Gating:
+    """The construct ``gating=None`` compiles to, on the default backend.
+
+    ``"cond"`` everywhere: on CPU it keeps a micro-step at its floor on every jax
+    line tested; on GPU it is the construct with the fewest host waits (one per
+    call) that never computes a skipped update. See ``docs/performance.md``.
+    """
+    return "cond"
+
+
+def gate(
+    run: jax.Array,
+    advance: Callable[[Any, Any], Any],
+    state: Any,
+    operands: Any,
+    gating: Gating | None,
+) -> Any:
+    """``advance(state, operands)`` where ``run`` holds, else ``state`` itself.
+
+    ``operands`` are the arrays ``advance`` reads besides the state. The loop
+    form ties them to the loop counter with an ``optimization_barrier``, so that
+    XLA cannot hoist what depends on them alone (a division, a dtype conversion)
+    out of the loop into fresh full-size buffers.
+    """
+    if not jax.tree.leaves(state):  # nothing that a closed gate could keep
+        return advance(state, operands)
+    gating = gating or default_gating()
+    if gating == "where":
+        new_state = advance(state, operands)
+        return jax.tree.map(lambda n, o: jnp.where(run, n, o), new_state, state)
+    if gating == "cond":
+        return jax.lax.cond(run, advance, lambda s, _: s, state, operands)
+
+    def body(trip: jax.Array, state: Any) -> Any:
+        _, state, current = jax.lax.optimization_barrier((trip, state, operands))
+        return advance(state, current)
+
+    return jax.lax.fori_loop(0, jnp.asarray(run).astype(jnp.int32), body, state)
+
+
+def select(run: jax.Array, updates: optax.Updates) -> optax.Updates:
+    """``updates`` where ``run`` holds, else zeros of each leaf's dtype."""
+    return jax.tree.map(lambda u: jnp.where(run, u, jnp.zeros([], u.dtype)), updates)
+
+
+class Block(optax.GradientTransformationExtraArgs):
+    """An optax transformation that can also emit its updates from its new state.
+
+    ``emit(updates, new_state, params, **extra_args)`` returns what ``update``
+    returns as updates, given the state ``update`` returned: for Adamax the
+    direction read from the new ``m`` and ``u``. It is never given the old state.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from adamax_optax import Block
+      >>> def update(g, state, params=None):  # a running sum, emitted as is
+      ...     return state + g, state + g
+      >>> tx = Block(jnp.zeros_like, update, lambda g, new_state, params: new_state)
+      >>> tx.update(jnp.ones(2), tx.init(jnp.ones(2)))[0]
+      Array([1., 1.], dtype=float32)
+    """
+
+    emit: Emit
+
+    def __new__(cls, init: Any, update: Any, emit: Emit) -> Block:
+        block = super().__new__(cls, init, update)
+        block.emit = emit
+        return block
+
+    @classmethod
+    def from_phases(
+        cls,
+        init: Callable[[optax.Params], optax.OptState],
+        advance: Callable[..., optax.OptState],
+        emit: Callable[..., optax.Updates],
+    ) -> Block:
+        """The block whose ``update`` is ``advance(updates, state, params)``, then
+        ``emit(updates, new_state, params)``; extra arguments are dropped."""
+
+        def update(updates, state, params=None, **extra_args):
+            new_state = advance(updates, state, params)
+            return emit(updates, new_state, params), new_state
+
+        def emit_dropping_extra_args(updates, new_state, params=None, **extra_args):
+            return emit(updates, new_state, params)
+
+        return cls(init, update, emit_dropping_extra_args)
+
+
+class Composite(optax.GradientTransformationExtraArgs):
+    """A transformation made of others (a chain, a gated wrapper).
+
+    ``emit_updates(updates, state, new_state, params, **extra_args)`` emits its
+    updates through its ``members``, handing the old ``state`` on only to the
+    members that are neither blocks nor composites; ``gating`` is the one a
+    gated wrapper was given explicitly, else ``None``.
+    """
+
+    emit_updates: EmitUpdates
+    members: tuple[optax.GradientTransformation, ...]
+    gating: Gating | None
+
+    def __new__(
+        cls,
+        init: Any,
+        update: Any,
+        emit_updates: EmitUpdates,
+        members: tuple[optax.GradientTransformation, ...] = (),
+        gating: Gating | None = None,
+    ) -> Composite:
+        composite = super().__new__(cls, init, update)
+        composite.emit_updates = emit_updates
+        composite.members, composite.gating = tuple(members), gating
+        return composite
+
+
+# Both are NamedTuples of (init, update); flattened, they keep what they add.
+jax.tree_util.register_pytree_node(
+    Block, lambda b: ((b.init, b.update, b.emit), None), lambda _, c: Block(*c)
+)
+jax.tree_util.register_pytree_node(
+    Composite,
+    lambda c: ((c.init, c.update, c.emit_updates), (c.members, c.gating)),
+    lambda aux, c: Composite(*c, *aux),
+)
+
+
+def emit_updates(
+    tx: optax.GradientTransformation,
+    updates: optax.Updates,
+    state: optax.OptState,
+    new_state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+) -> optax.Updates:
+    """The updates of ``tx`` for a call that advanced ``state`` to ``new_state``."""
+    if isinstance(tx, Composite):
+        return tx.emit_updates(updates, state, new_state, params, **extra_args)
+    if isinstance(tx, Block):
+        return tx.emit(updates, new_state, params, **extra_args)
+    tx = optax.with_extra_args_support(tx)
+    return tx.update(updates, state, params, **extra_args)[0]
+
+
+def nested_gating(gating: Gating | None, inner: optax.GradientTransformation) -> Any:
+    """The gating of a wrapper around ``inner``: its own, else the one set
+    explicitly on a wrapper inside ``inner``; different explicit values are an
+    error."""
+    check_gating(gating)
+    found, pending = {gating} - {None}, [inner]
+    while pending:
+        tx = pending.pop()
+        if isinstance(tx, Composite):
+            found |= {tx.gating} - {None}
+            pending.extend(tx.members)
+    if len(found) > 1:
+        raise ValueError(
+            "Nested gated wrappers were given different `gating` values: "
+            f"{sorted(found)}. Give them one value, or set it on one of them."
+        )
+    return found.pop() if found else None
+
+
+def named_chain(
+    *transforms: tuple[str, optax.GradientTransformation],
+) -> Composite:
+    """``optax.named_chain`` whose members' updates can be emitted after a gate.
+
+    The same state (an ``OrderedDict`` by name) and results as
+    ``optax.named_chain``; extra arguments of ``update`` reach every member.
+    Under :func:`accumulate_gradients`, :func:`dynamic_loss_scale` and
+    :func:`skip_nonfinite` its blocks' state is neither copied nor recomputed.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import named_chain, scale_by_keras_adamax
+      >>> from adamax_optax import scale_by_keras_learning_rate
+      >>> tx = named_chain(("adamax", scale_by_keras_adamax()),
+      ...                  ("learning_rate", scale_by_keras_learning_rate(0.1)))
+      >>> updates, state = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
+      >>> bool(jnp.allclose(updates, -0.1)), int(state["adamax"].count)
+      (True, 1)
+    """
+    names = [name for name, _ in transforms]
+    if len(names) != len(set(names)):
+        raise ValueError(f"Transformation names must be unique, got {names}.")
+    return _chain(names, [tx for _, tx in transforms], collections.OrderedDict)
+
+
+def chain(*transforms: optax.GradientTransformation) -> Composite:
+    """``optax.chain`` whose members' updates can be emitted after a gate.
+
+    The same state (a tuple) and results as ``optax.chain``; see
+    :func:`named_chain`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from adamax_optax import accumulate_gradients, chain, scale_by_keras_adamax
+      >>> blocks = chain(scale_by_keras_adamax(), optax.scale(-0.1))
+      >>> tx = accumulate_gradients(blocks, 2)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> for g in (jnp.ones(2), 3 * jnp.ones(2)):
+      ...     updates, state = tx.update(g, state)
+      >>> bool(jnp.allclose(updates, -0.1))  # one step of lr, on the mean 2
+      True
+    """
+    keys = list(range(len(transforms)))
+    return _chain(keys, list(transforms), lambda pairs: tuple(s for _, s in pairs))
+
+
+def _chain(
+    keys: list[Any],
+    transforms: list[optax.GradientTransformation],
+    pack: Callable[[list[tuple[Any, Any]]], Any],
+) -> Composite:
+    """A chain whose state is ``pack([(key, member state), ...])``, read by key."""
+    members = [optax.with_extra_args_support(tx) for tx in transforms]
+
+    def init(params: optax.Params) -> Any:
+        return pack(
+            [(key, tx.init(params)) for key, tx in zip(keys, members, strict=True)]
+        )
+
+    def update(updates, state, params=None, **extra_args):
+        if len(state) != len(members):
+            raise ValueError(
+                f"The chain has {len(members)} members but its state {len(state)}:"
+                " was it made by this chain's `init`?"
+            )
+        new_state = []
+        for key, tx in zip(keys, members, strict=True):
+            updates, new = tx.update(updates, state[key], params, **extra_args)
+            new_state.append((key, new))
+        return updates, pack(new_state)
+
+    def emit(updates, state, new_state, params=None, **extra_args):
+        for key, tx in zip(keys, members, strict=True):
+            updates = emit_updates(
+                tx, updates, state[key], new_state[key], params, **extra_args
+            )
+        return updates
+
+    return Composite(init, update, emit, tuple(members))

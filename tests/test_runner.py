@@ -1,0 +1,358 @@
+"""The gated runner: one in-place form for every composition, on every jax line.
+
+A training step that calls ``tx.update`` and ``optax.apply_updates`` under
+``jax.jit`` with the parameters and state donated (the Flax ``TrainState`` and
+``nnx.Optimizer`` way) must update every buffer in place: XLA's buffer assignment
+holds no copy of a leaf, and temporaries under the smallest leaf's bytes. Two
+exceptions may hold one gradient's bytes: loss scaling without accumulation (its
+division feeds several kernels on XLA:CPU) and a stateless optax block inside the
+composition.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adamax_optax as ao
+from adamax_optax import accumulate_gradients, adamax, dynamic_loss_scale
+from tests.conftest import make_problem
+
+SHAPES = {"w": (256, 1024), "b": (128, 1024)}
+SMALLEST_LEAF_BYTES = 128 * 1024 * 4
+GRADIENT_BYTES = (256 + 128) * 1024 * 4
+
+ACCUMULATE = dict(gradient_accumulation_steps=4)
+EVERY_OPTION = dict(
+    gradient_accumulation_steps=4,
+    weight_decay=0.01,
+    global_clipnorm=1.0,
+    use_ema=True,
+    ema_overwrite_frequency=3,
+)
+
+
+def blocks(chain=ao.named_chain, stateless_optax=False):
+    """The public blocks of ``adamax(clip, decay, EMA)``, composed by hand."""
+    if chain is ao.named_chain:
+        members = [
+            ("clip", ao.keras_global_clipnorm(1.0)),
+            ("adamax", ao.scale_by_keras_adamax()),
+            ("decay", ao.decoupled_weight_decay(0.01)),
+            ("learning_rate", ao.scale_by_keras_learning_rate(1e-3)),
+            ("ema", ao.parameter_ema(0.99, 3)),
+        ]
+        if stateless_optax:
+            members[0] = ("clip", optax.clip_by_global_norm(1.0))
+            members.insert(3, ("scale", optax.scale(0.5)))
+        return ao.named_chain(*members)
+    members = [
+        optax.clip_by_global_norm(1.0) if stateless_optax else ao.keras_clipnorm(1.0),
+        ao.scale_by_keras_adamax(),
+        optax.add_decayed_weights(0.01)
+        if stateless_optax
+        else ao.decoupled_weight_decay(0.01),
+        ao.scale_by_keras_learning_rate(1e-3),
+        ao.parameter_ema(0.99),
+    ]
+    return ao.chain(*members)
+
+
+def inject(**options):
+    return optax.inject_hyperparams(
+        adamax, static_args=("gradient_accumulation_steps", "gating")
+    )(learning_rate=1e-3, **options)
+
+
+# name -> (factory of a transformation for a gating, temporaries allowed)
+COMPOSITIONS = {
+    "adamax(N=4)": (lambda g: adamax(**ACCUMULATE, gating=g), 0),
+    "adamax(every option)": (lambda g: adamax(**EVERY_OPTION, gating=g), 0),
+    "adamax(every option, loss_scale_factor)": (
+        lambda g: adamax(loss_scale_factor=3.0, **EVERY_OPTION, gating=g),
+        0,
+    ),
+    "adamax(every option, dynamic_loss_scale)": (
+        lambda g: adamax(dynamic_loss_scale=True, **EVERY_OPTION, gating=g),
+        0,
+    ),
+    "adamax(dynamic_loss_scale)": (
+        lambda g: adamax(dynamic_loss_scale=True, gating=g),
+        GRADIENT_BYTES,
+    ),
+    "adamax(clip, decay, EMA, loss_scale_factor)": (
+        lambda g: adamax(
+            weight_decay=0.01,
+            global_clipnorm=1.0,
+            use_ema=True,
+            loss_scale_factor=3.0,
+            gating=g,
+        ),
+        GRADIENT_BYTES,
+    ),
+    "chain(identity, adamax(N=4), scale)": (
+        lambda g: optax.chain(
+            optax.identity(), adamax(**ACCUMULATE, gating=g), optax.scale(0.5)
+        ),
+        0,
+    ),
+    "inject_hyperparams": (lambda g: inject(**ACCUMULATE, gating=g), 0),
+    "accumulate(named_chain(blocks))": (
+        lambda g: accumulate_gradients(blocks(), 4, gating=g),
+        0,
+    ),
+    "accumulate(chain(blocks))": (
+        lambda g: accumulate_gradients(blocks(ao.chain), 4, gating=g),
+        0,
+    ),
+    "accumulate(named_chain(blocks, optax clip and scale))": (
+        lambda g: accumulate_gradients(blocks(stateless_optax=True), 4, gating=g),
+        GRADIENT_BYTES,
+    ),
+    "accumulate(chain(blocks, optax clip and decay))": (
+        lambda g: accumulate_gradients(
+            blocks(ao.chain, stateless_optax=True), 4, gating=g
+        ),
+        GRADIENT_BYTES,
+    ),
+    "dynamic_loss_scale(accumulate(named_chain(blocks)))": (
+        lambda g: dynamic_loss_scale(accumulate_gradients(blocks(), 4), gating=g),
+        0,
+    ),
+    "dynamic_loss_scale(named_chain(blocks))": (
+        lambda g: dynamic_loss_scale(blocks(), gating=g),
+        GRADIENT_BYTES,
+    ),
+}
+
+# ``where`` advances the state on every call and selects; XLA:CPU keeps it in
+# place only while one kernel can compute and select each leaf. Beside Adamax
+# alone, the advanced state feeds other kernels (the EMA, the emitted update)
+# and is materialised, old and new both alive: measured, 4 to 12 leaves of
+# temporaries and up to 8 leaf copies. So it is checked where it holds.
+WHERE_IN_PLACE = ("adamax(N=4)", "chain(identity, adamax(N=4), scale)")
+
+
+def donated_step(tx):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def assert_in_place(compiled, allowed_temporary_bytes=0):
+    temporaries = compiled.memory_analysis().temp_size_in_bytes
+    # Scalars aside, an allowed exception may add one gradient's bytes.
+    assert temporaries < SMALLEST_LEAF_BYTES + allowed_temporary_bytes
+    leaf_copy = re.compile(r"= f32\[(256|128),1024\]\{[0-9,]*\} copy\(")
+    assert not leaf_copy.search(compiled.as_text())
+
+
+def compile_step(tx):
+    params = {k: jnp.ones(s) for k, s in SHAPES.items()}
+    return donated_step(tx).lower(params, tx.init(params), params).compile()
+
+
+@pytest.mark.parametrize("gating", [None, "loop", "cond"])
+@pytest.mark.parametrize("name", COMPOSITIONS)
+def test_update_compiles_to_in_place_form(name, gating):
+    make, allowed = COMPOSITIONS[name]
+    assert_in_place(compile_step(make(gating)), allowed)
+
+
+@pytest.mark.parametrize("name", WHERE_IN_PLACE)
+def test_where_gating_in_place_for_adamax_alone(name):
+    make, allowed = COMPOSITIONS[name]
+    assert_in_place(compile_step(make("where")), allowed)
+
+
+def test_flax_train_state_step_compiles_to_in_place_form():
+    from flax.training import train_state
+
+    tx = adamax(**EVERY_OPTION)
+    params = {k: jnp.ones(s) for k, s in SHAPES.items()}
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+
+    def step(state, grads):
+        return state.apply_gradients(grads=grads)
+
+    assert_in_place(jax.jit(step, donate_argnums=0).lower(state, params).compile())
+
+
+def test_nnx_optimizer_step_compiles_to_in_place_form():
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones(SHAPES["w"]))
+            self.b = nnx.Param(jnp.ones(SHAPES["b"]))
+
+    model = Model()
+    optimizer = nnx.Optimizer(model, adamax(**EVERY_OPTION), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state, grads):
+        model, optimizer = nnx.merge(graphdef, state)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer))
+
+    grads = nnx.state(model, nnx.Param)
+    assert_in_place(jax.jit(step, donate_argnums=0).lower(state, grads).compile())
+
+
+def run(tx, params, grads):
+    """Feeds ``grads`` through a donated step; returns parameters and state."""
+    step = donated_step(tx)
+    params = jax.tree.map(jnp.array, params)
+    state = tx.init(params)
+    for g in grads:
+        params, state = step(params, state, g)
+    return params, state
+
+
+def assert_trees_close(got, want, rtol=2e-6, atol=1e-7):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(
+            np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol
+        )
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    params, grads = make_problem(steps=12)
+    grads[5] = {k: v * np.inf for k, v in grads[5].items()}  # a step to skip
+    return {k: jnp.asarray(v) for k, v in params.items()}, grads
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: accumulate_gradients(blocks(stateless_optax=True), 3, gating=g),
+        lambda g: dynamic_loss_scale(
+            accumulate_gradients(blocks(ao.chain), 3), initial_scale=4.0, gating=g
+        ),
+        lambda g: adamax(0.01, dynamic_loss_scale=True, gating=g, **EVERY_OPTION),
+    ],
+    ids=["accumulate", "loss scale of accumulate", "adamax every option"],
+)
+def test_every_gating_computes_the_same(make, small_problem):
+    params, grads = small_problem
+    want = run(make("cond"), params, grads)
+    for gating in ("loop", "where"):
+        assert_trees_close(run(make(gating), params, grads), want)
+
+
+def test_gatings_equal_optax_multisteps(small_problem):
+    """A constant learning rate: the composition, each gating, is MultiSteps."""
+    params, grads = small_problem
+    grads = [g for g in grads if np.all(np.isfinite(g["out/kernel"]))]
+    with jax.numpy_dtype_promotion("standard"):  # optax's own code
+        multi = optax.MultiSteps(optax.chain(*blocks(ao.chain).members), 3)
+        want, _ = run(multi.gradient_transformation(), params, grads)
+        for gating in ("loop", "cond", "where"):
+            got, _ = run(
+                accumulate_gradients(blocks(ao.chain), 3, gating=gating), params, grads
+            )
+            assert_trees_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("gating", "construct"),
+    [("loop", "stablehlo.while"), ("cond", "stablehlo.case"), ("where", None)],
+)
+def test_each_gating_lowers_to_what_it_says(gating, construct):
+    tx = adamax(**ACCUMULATE, dynamic_loss_scale=True, gating=gating)
+    params = {"w": jnp.ones(3)}
+    text = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
+    found = {
+        c for c in ("stablehlo.while", "stablehlo.case", "stablehlo.if") if c in text
+    }
+    assert found == ({construct} if construct else set())
+
+
+def test_default_gating_is_cond():
+    tx = adamax(**ACCUMULATE)
+    params = {"w": jnp.ones(3)}
+    text = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
+    assert "stablehlo.case" in text and "stablehlo.while" not in text
+
+
+def test_nested_wrappers_with_different_gatings_are_an_error():
+    inner = accumulate_gradients(blocks(), 2, gating="loop")
+    with pytest.raises(ValueError, match=r"different `gating` values.*cond.*loop"):
+        dynamic_loss_scale(ao.named_chain(("inner", inner)), gating="cond")
+    # One explicit value is taken by the wrappers around it.
+    assert dynamic_loss_scale(inner).gating == "loop"
+    assert dynamic_loss_scale(inner, gating="loop").gating == "loop"
+
+
+@pytest.mark.parametrize("bad", ["while", "Cond", 1])
+def test_unknown_gating_is_an_error(bad):
+    for build in (
+        lambda: adamax(gating=bad),
+        lambda: accumulate_gradients(optax.sgd(0.1), 2, gating=bad),
+        lambda: dynamic_loss_scale(optax.sgd(0.1), gating=bad),
+    ):
+        with pytest.raises(ValueError, match=f"gating={bad!r}"):
+            build()
+
+
+def test_composition_follows_adamax_schedule_included():
+    """Composed by hand under accumulation, the blocks compute what adamax()
+    computes: the schedule is evaluated at the micro-step index k*N + N - 1
+    without being told N."""
+    params, grads = make_problem(steps=40)
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    schedule = optax.linear_schedule(0.01, 0.0, 40)
+    with jax.numpy_dtype_promotion("standard"):
+        want, want_state = run(
+            adamax(schedule, gradient_accumulation_steps=4, weight_decay=0.01),
+            params,
+            grads,
+        )
+        composed = accumulate_gradients(
+            ao.named_chain(
+                ("adamax", ao.scale_by_keras_adamax()),
+                ("weight_decay", ao.decoupled_weight_decay(0.01)),
+                ("learning_rate", ao.scale_by_keras_learning_rate(schedule)),
+            ),
+            4,
+        )
+        got, got_state = run(composed, params, grads)
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+    assert float(ao.get_learning_rate(got_state)) == pytest.approx(
+        float(ao.get_learning_rate(want_state))
+    )
+
+
+def test_learning_rate_told_another_count_is_an_error():
+    inner = ao.named_chain(
+        ("adamax", ao.scale_by_keras_adamax()),
+        ("learning_rate", ao.scale_by_keras_learning_rate(0.1, steps_per_update=2)),
+    )
+    tx = accumulate_gradients(inner, 4)
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"steps_per_update=2.*4 steps"):
+        tx.update(params, tx.init(params), params)
+
+
+def test_block_and_composite_survive_flattening():
+    """Equinox and others flatten a transformation; the block stays a block."""
+    for tx in (ao.scale_by_keras_adamax(), adamax(**EVERY_OPTION)):
+        leaves, treedef = jax.tree.flatten(tx)
+        again = jax.tree.unflatten(treedef, leaves)
+        assert type(again) is type(tx)
+        params = {"w": jnp.ones(3)}
+        state = again.init(params)
+        np.testing.assert_array_equal(
+            again.update(params, state, params)[0]["w"],
+            tx.update(params, state, params)[0]["w"],
+        )
