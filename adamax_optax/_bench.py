@@ -421,6 +421,68 @@ def time_case(case: Case, repeats: int) -> tuple[float, float]:
     return float(np.median(times)), first
 
 
+def step_time(case: Case) -> float:
+    """Seconds of one call of the case's step in its wanted phase (calls outside
+    that phase advance it untimed)."""
+    params, state = case.state
+    while case.phase is not None and case.phase((params, state)) != case.wanted_phase:
+        params, state = case.step(params, state, case.grads)
+    jax.block_until_ready((params, state))
+    start = time.perf_counter()
+    params, state = case.step(params, state, case.grads)
+    jax.block_until_ready((params, state))
+    case.state = (params, state)
+    return time.perf_counter() - start
+
+
+SPREAD_TOO_WIDE = 0.10
+"""A ratio whose interquartile range exceeds this fraction of its median is
+reported as inconclusive: the machine was too noisy to tell."""
+
+
+def interleaved_ratio(a: Case, b: Case, pairs: int = 15) -> dict[str, Any]:
+    """``a``'s time over ``b``'s, timed A B A B ... in this process.
+
+    One warm call of each first; then ``pairs`` pairs, each giving one ratio,
+    so that a slow spell of the machine hits both sides of a pair alike. Returns
+    the median ratio, its quartiles and whether the spread allows a conclusion.
+    """
+    step_time(a), step_time(b)  # compile and warm
+    ratios, a_times, b_times = [], [], []
+    for _ in range(pairs):
+        a_times.append(step_time(a))
+        b_times.append(step_time(b))
+        ratios.append(a_times[-1] / b_times[-1])
+    q25, median, q75 = np.percentile(ratios, [25, 50, 75])
+    return dict(
+        ratio=float(median),
+        q25=float(q25),
+        q75=float(q75),
+        pairs=pairs,
+        a_ms=float(np.median(a_times)) * 1e3,
+        b_ms=float(np.median(b_times)) * 1e3,
+        conclusive=bool((q75 - q25) / median <= SPREAD_TOO_WIDE),
+    )
+
+
+def floor_case(total: int, words: int) -> Case:
+    """The memory-bandwidth floor of ``words`` per parameter, as a case: a
+    donated float32 scale of ``total`` elements (2 words), timed and scaled by
+    ``words / 2`` by :func:`over_floor`."""
+    scale = jax.jit(lambda x, unused: (x * 1.0001, unused), donate_argnums=0)
+    x = jnp.ones((total,), jnp.float32)
+    return Case(f"{words}-word floor", words, lambda p, s, g: scale(p, s), (x, 0), None)
+
+
+def over_floor(case: Case, total: int, pairs: int) -> dict[str, Any]:
+    """``case``'s time over its floor, interleaved with the floor's kernel."""
+    result = interleaved_ratio(case, floor_case(total, case.words), pairs)
+    for key in ("ratio", "q25", "q75"):
+        result[key] *= 2 / case.words  # the kernel moves 2 words
+    result["b_ms"] *= case.words / 2
+    return result
+
+
 def state_bytes(state: Any) -> int:
     return sum(
         x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "size")
@@ -431,6 +493,7 @@ def run_size(total: int, leaves: int, dtype: Any, bandwidth: float, repeats: int
     """Rows for one (size, leaves, dtype)."""
     rows = []
     itemsize = jnp.dtype(dtype).itemsize
+    peers: dict[str, Case] = {}
     for case in build_cases(total, leaves, dtype):
         total_bytes = state_bytes(case.state) + state_bytes(case.grads)
         start = time.perf_counter()
@@ -453,11 +516,20 @@ def run_size(total: int, leaves: int, dtype: Any, bandwidth: float, repeats: int
                 peer=case.peer,
             )
         )
-        case.state = None  # free the buffers before the next case
+        if case.peer in peers:
+            ratio = interleaved_ratio(case, peers[case.peer], max(15, repeats))
+            rows[-1].update(
+                ratio_to_peer=ratio["ratio"],
+                ratio_q25=ratio["q25"],
+                ratio_q75=ratio["q75"],
+                ratio_conclusive=ratio["conclusive"],
+            )
+        if case.name.startswith("adamax_optax"):
+            peers[case.name] = case  # kept for the cases compared with it
+        else:
+            case.state = None  # free the buffers before the next case
+    del peers
     by_name = {row["case"]: row for row in rows}
-    for row in rows:
-        if row["peer"] in by_name:
-            row["ratio_to_peer"] = row["median_ms"] / by_name[row["peer"]]["median_ms"]
     if jnp.dtype(dtype) == jnp.float32:
         torch = torch_time(total, leaves, repeats)
         for name, seconds in (torch or {}).items():
@@ -478,6 +550,121 @@ def run_size(total: int, leaves: int, dtype: Any, bandwidth: float, repeats: int
                     / by_name["adamax_optax defaults"]["median_ms"],
                 )
             )
+    return rows
+
+
+TARGET_OPTIONS = dict(global_clipnorm=1.0, weight_decay=1e-3, use_ema=True)
+
+
+def _blocks() -> Any:
+    """``adamax(**TARGET_OPTIONS)``'s blocks, composed by hand."""
+    from adamax_optax import _runner
+    from adamax_optax._adamax import scale_by_keras_adamax
+    from adamax_optax._clipping import keras_global_clipnorm
+    from adamax_optax._ema import parameter_ema
+    from adamax_optax._learning_rate import scale_by_keras_learning_rate
+    from adamax_optax._weight_decay import decoupled_weight_decay
+
+    return _runner.named_chain(
+        ("global_clipnorm", keras_global_clipnorm(1.0)),
+        ("adamax", scale_by_keras_adamax()),
+        ("weight_decay", decoupled_weight_decay(1e-3)),
+        ("learning_rate", scale_by_keras_learning_rate(1e-3)),
+        ("ema", parameter_ema(0.99)),
+    )
+
+
+def target_rows(total: int, leaves: int, pairs: int) -> list[dict[str, Any]]:
+    """The gating targets, each timed interleaved with what it is compared to."""
+    from adamax_optax._accumulation import accumulate_gradients
+    from adamax_optax._dynamic_loss_scale import dynamic_loss_scale
+    from adamax_optax._runner import GATINGS
+
+    grads = make_tree(total, leaves, jnp.float32, 0.5)
+    steps = ACCUMULATION
+
+    def case(name, tx, words=0, phase=None):
+        params = make_tree(total, leaves, jnp.float32, 1.0)
+        phase_of = mini_step_of if phase is not None else None
+        state = (params, tx.init(params))
+        return Case(name, words, donated(tx), state, grads, phase_of, phase)
+
+    rows = []
+
+    def compare(target, name, a, b, limit):
+        if b is None:
+            result = over_floor(a, total, pairs)
+            against = f"{a.words}-word floor"
+        else:
+            result = interleaved_ratio(a, b, pairs)
+            against = b.name
+        met = result["ratio"] <= limit
+        rows.append(
+            dict(
+                target=target,
+                case=name,
+                against=against,
+                limit=limit,
+                met=met,
+                **result,
+            )
+        )
+        a.state = None
+        if b is not None:
+            b.state = None
+        spread = f"[{result['q25']:.2f}, {result['q75']:.2f}]"
+        verdict = (
+            ("met" if met else "NOT met")
+            if result["conclusive"]
+            else ("inconclusive: the spread is too wide")
+        )
+        print(
+            f"{name:44s} {against:34s} {result['ratio']:5.2f} {spread:13s} "
+            f"<= {limit:<4} {verdict}"
+        )
+
+    print(f"{'case':52s} {'against':32s} {'ratio':>5s} {'quartiles':13s} limit")
+    for gating in (None, *GATINGS):
+        label = gating or "default"
+        for phase, words, limit, what in (
+            (0, 5, 1.3, "micro-step"),
+            (steps - 1, 9, 1.6, "update step"),
+        ):
+            tx = adamax(gradient_accumulation_steps=steps, gating=gating)
+            name = f"adamax(N={steps}, gating={label}) {what}"
+            compare(
+                f"{what} over floor", name, case(name, tx, words, phase), None, limit
+            )
+    for phase, what in ((0, "micro-step"), (steps - 1, "update step")):
+        compositions = {
+            "accumulate(named_chain(blocks))": (
+                accumulate_gradients(_blocks(), steps),
+                adamax(gradient_accumulation_steps=steps, **TARGET_OPTIONS),
+            ),
+            "dynamic_loss_scale(accumulate(blocks))": (
+                dynamic_loss_scale(accumulate_gradients(_blocks(), steps)),
+                adamax(
+                    gradient_accumulation_steps=steps,
+                    dynamic_loss_scale=True,
+                    **TARGET_OPTIONS,
+                ),
+            ),
+        }
+        for name, (composed, ours) in compositions.items():
+            compare(
+                "composition over adamax()",
+                f"{name} {what}",
+                case(name, composed, phase=phase),
+                case("adamax() with the same options", ours, phase=phase),
+                1.1,
+            )
+    compare(
+        "defaults over optax.adamax",
+        "adamax() defaults",
+        case("adamax()", adamax()),
+        case("optax.adamax", optax.adamax(1e-3)),
+        1.05,
+    )
     return rows
 
 
@@ -522,6 +709,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("-" * len(header))
     for r in rows:
         peer = f"{r['ratio_to_peer']:.2f}" if "ratio_to_peer" in r else ""
+        if r.get("ratio_conclusive") is False:
+            peer += "?"  # the spread was too wide to conclude
         peak = f"{r['peak_over_p_s_g']:.2f}" if r.get("peak_over_p_s_g") else ""
         print(
             f"{r['case']:42s} {r['parameters'] / 2**20:6.0f}M {r['leaves']:6d} "
@@ -623,6 +812,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(mlp: 1000 leaves, resnet: ResNet-50-like, gpt: GPT-2-small-like)",
     )
     parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="only the gating targets at the largest --sizes and --leaves: "
+        "micro-step and update step over their floors for each gating, "
+        "compositions over adamax(), defaults over optax.adamax, each timed "
+        "interleaved (A B A B, --pairs pairs)",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=15, help="interleaved pairs per comparison"
+    )
+    parser.add_argument(
         "--json", default="bench_results.json", help="where to write the results"
     )
     parser.add_argument(
@@ -643,6 +843,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if getattr(args, "quick", False):
         args = argparse.Namespace(**{**vars(args), **QUICK})
+    if getattr(args, "targets", False):
+        total, leaves = int(max(args.sizes) * 2**20), max(args.leaves)
+        print(
+            f"jax {jax.__version__} on {jax.devices()[0].device_kind}: "
+            f"{total / 2**20:.0f}M float32 in {leaves} leaves, {args.pairs} pairs"
+        )
+        result = dict(
+            jax=jax.__version__,
+            device_kind=jax.devices()[0].device_kind,
+            parameters=total,
+            leaves=leaves,
+            targets=target_rows(total, leaves, args.pairs),
+        )
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+        return result
     for name in missing_peers():
         print(f"skipped {PEERS[name]}: {name} is not installed")
     bandwidth = measure_bandwidth()

@@ -356,3 +356,13 @@ def test_block_and_composite_survive_flattening():
             again.update(params, state, params)[0]["w"],
             tx.update(params, state, params)[0]["w"],
         )
+
+
+def test_gating_is_kept_by_configs():
+    tx = adamax(gradient_accumulation_steps=2, gating="loop")
+    config = ao.get_config(tx)
+    assert config["gating"] == "loop"
+    again = ao.from_config(config)
+    params = {"w": jnp.ones(3)}
+    text = jax.jit(again.update).lower(params, again.init(params), params).as_text()
+    assert "stablehlo.while" in text
