@@ -54,10 +54,12 @@ def test_readme_links_resolve():
         assert (README.parent / target).exists(), target
 
 
+TEST_COMMAND = "python -m pytest -q -n 2 --doctest-modules adamax_optax tests"
+
+
 def test_readme_test_command_is_the_ci_command():
     ci = (README.parent / ".ci" / "run").read_text()
-    command = "python -m pytest -q -n 2 --doctest-modules adamax_optax tests"
-    assert command in README.read_text() and command in ci
+    assert TEST_COMMAND in README.read_text() and f'tests="{TEST_COMMAND}"' in ci
 
 
 @pytest.mark.parametrize("command", sorted(set(shell_commands())))
@@ -81,6 +83,9 @@ def test_readme_shell_command(command, tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         assert "final test accuracy" in done.stdout
         assert (tmp_path / "adamax_demo.png").stat().st_size > 10_000
+    elif words[:2] == ["bash", ".ci/newest-jax"]:
+        # The newest jax line: .ci/run runs the README's test command through it.
+        assert words[2] == TEST_COMMAND and 'bash .ci/newest-jax "$tests"' in ci
     elif words[0] in ("ruff", "python") and command in ci:
         pass  # run by .ci/run itself (lint, and the test command above)
     else:
