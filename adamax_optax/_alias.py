@@ -284,10 +284,12 @@ def _cast_on_entry(
 
     def update(updates, state, params=None, **extra_args):
         updates = _common.cast_to_params(updates, params)
+        params = _common.as_arrays(params)
         return optimizer.update(updates, state, params, **extra_args)
 
     def emit_updates(updates, state, new_state, params=None, **extra_args):
         updates = _common.cast_to_params(updates, params)
+        params = _common.as_arrays(params)
         return optimizer.emit_updates(updates, state, new_state, params, **extra_args)
 
     return _runner.Composite(

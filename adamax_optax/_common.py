@@ -183,12 +183,20 @@ def cast_like(tree: Any, reference: Any) -> Any:
     return jax.tree.map(lambda x, r: x.astype(jnp.result_type(r)), tree, reference)
 
 
+def as_arrays(tree: Any) -> Any:
+    """``tree`` with Python numbers as JAX arrays (optax accepts them as leaves)."""
+    return None if tree is None else jax.tree.map(jnp.asarray, tree)
+
+
 def cast_to_params(updates: Any, params: Any | None) -> Any:
-    """``updates`` cast to each parameter's dtype; unchanged without ``params``
-    (or with a tree unlike the updates', which the rules then report)."""
+    """``updates`` as arrays in each parameter's dtype; in their own dtypes
+    without ``params`` (or with a tree unlike the updates', which the rules then
+    report)."""
     if params is None or jax.tree.structure(updates) != jax.tree.structure(params):
-        return updates
-    return jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), updates, params)
+        return as_arrays(updates)
+    return jax.tree.map(
+        lambda u, p: jnp.asarray(u, jnp.result_type(p)), updates, params
+    )
 
 
 def key_path_name(path: Sequence[Any]) -> str:

@@ -1,7 +1,7 @@
 """The gated runner: a call that may leave the state alone, compiled without copies.
 
-Gradient accumulation, dynamic loss scaling and skipping non-finite steps each
-decide, per call, whether the transformation they wrap advances. Written as
+Gradient accumulation and dynamic loss scaling each decide, per call, whether
+the transformation they wrap advances. Written as
 ``lax.cond(run, inner.update, keep)``, the updates leaving the conditional are
 materialised (zeros on a skipped call) and, on older XLA, the state is copied.
 This module runs such a call in two phases instead:
@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adamax_optax import _common
+
 Gating = Literal["loop", "cond", "where"]
 """How a gate is compiled: ``"loop"``, a ``fori_loop`` of 0 or 1 trips;
 ``"cond"``, a ``lax.cond``; ``"where"``, branch-free (advance, then select)."""
@@ -55,10 +57,11 @@ def check_gating(gating: Any) -> None:
 
 
 def default_gating() -> Gating:
-    """The construct ``gating=None`` compiles to, on the default backend.
+    """The construct ``gating=None`` compiles to.
 
-    ``"cond"`` everywhere: on CPU it keeps a micro-step at its floor on every jax
-    line tested; on GPU it is the construct with the fewest host waits (one per
+    ``"cond"`` on every backend and jax line: on CPU it is copy-free and keeps a
+    micro-step at its floor on jax 0.10 and 0.12 alike; on GPU, not yet
+    measured, it is the construct with the fewest host waits (one per gated
     call) that never computes a skipped update. See ``docs/performance.md``.
     """
     return "cond"
@@ -106,14 +109,19 @@ class Block(optax.GradientTransformationExtraArgs):
     returns as updates, given the state ``update`` returned: for Adamax the
     direction read from the new ``m`` and ``u``. It is never given the old state.
 
-    Example:
-      >>> import jax.numpy as jnp, optax
-      >>> from adamax_optax import Block
-      >>> def update(g, state, params=None):  # a running sum, emitted as is
+    Example (a running sum of the updates, emitted as the updates):
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import Block, accumulate_gradients
+      >>> def update(g, state, params=None, **extra_args):
       ...     return state + g, state + g
-      >>> tx = Block(jnp.zeros_like, update, lambda g, new_state, params: new_state)
-      >>> tx.update(jnp.ones(2), tx.init(jnp.ones(2)))[0]
-      Array([1., 1.], dtype=float32)
+      >>> def emit(g, new_state, params=None, **extra_args):  # from the new state
+      ...     return new_state
+      >>> tx = accumulate_gradients(Block(jnp.zeros_like, update, emit), 2)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> for g in (jnp.ones(2), 3 * jnp.ones(2), jnp.ones(2), jnp.ones(2)):
+      ...     updates, state = tx.update(g, state)
+      >>> updates  # the sum of the two group means, 2 + 1
+      Array([3., 3.], dtype=float32)
     """
 
     emit: Emit
@@ -131,14 +139,18 @@ class Block(optax.GradientTransformationExtraArgs):
         emit: Callable[..., optax.Updates],
     ) -> Block:
         """The block whose ``update`` is ``advance(updates, state, params)``, then
-        ``emit(updates, new_state, params)``; extra arguments are dropped."""
+        ``emit(updates, new_state, params)``; extra arguments are dropped and
+        Python numbers among the leaves become arrays."""
 
         def update(updates, state, params=None, **extra_args):
+            updates, params = _common.as_arrays(updates), _common.as_arrays(params)
             new_state = advance(updates, state, params)
             return emit(updates, new_state, params), new_state
 
         def emit_dropping_extra_args(updates, new_state, params=None, **extra_args):
-            return emit(updates, new_state, params)
+            return emit(
+                _common.as_arrays(updates), new_state, _common.as_arrays(params)
+            )
 
         return cls(init, update, emit_dropping_extra_args)
 

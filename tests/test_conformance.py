@@ -616,3 +616,35 @@ def test_departure_static_and_dynamic_loss_scale_are_refused_together():
     we refuse the pair rather than silently drop one."""
     with pytest.raises(ValueError, match="either `loss_scale_factor` or"):
         adamax(loss_scale_factor=100.0, dynamic_loss_scale=True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        dict(
+            use_ema=True,
+            weight_decay=0.1,
+            global_clipnorm=10.0,
+            gradient_accumulation_steps=2,
+            dynamic_loss_scale=True,
+        ),
+    ],
+    ids=["defaults", "every wrapper"],
+)
+def test_python_number_leaves(options):
+    """optax accepts Python numbers as leaves (its test_combine_extra_args): they
+    move as float32 arrays would, and the first Adamax step is -lr * sign(g)."""
+    tx = optax.chain(adamax(1e-3, **options), optax.identity())
+    numbers = {"a": 1.0, "b": -2.0}
+    arrays = {k: jnp.asarray(v, jnp.float32) for k, v in numbers.items()}
+    got_state, want_state = tx.init(numbers), tx.init(arrays)
+    for _ in range(2):
+        got, got_state = tx.update(numbers, got_state, numbers)
+        want, want_state = tx.update(arrays, want_state, arrays)
+    for key in numbers:
+        assert got[key].dtype == jnp.float32
+        np.testing.assert_array_equal(got[key], want[key])
+    if not options:
+        np.testing.assert_allclose(got["a"], -1e-3, rtol=1e-5)
+        np.testing.assert_allclose(got["b"], 1e-3, rtol=1e-5)

@@ -90,3 +90,14 @@ def test_readme_shell_command(command, tmp_path):
         pass  # run by .ci/run itself (lint, and the test command above)
     else:
         pytest.fail(f"README command not covered by the tests: {command}")
+
+
+def test_readme_code_fences_pair_up():
+    """Each block opens with a language and closes bare: a stray fence would turn
+    the rest of the page into one code block on any Markdown renderer."""
+    fences = [
+        line for line in README.read_text().splitlines() if line.startswith("```")
+    ]
+    assert len(fences) % 2 == 0
+    for opening, closing in zip(fences[::2], fences[1::2], strict=True):
+        assert opening != "```" and closing == "```", (opening, closing)
