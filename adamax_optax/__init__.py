@@ -40,8 +40,7 @@ from adamax_optax._learning_rate import (
 )
 from adamax_optax._loss_scale import StaticLossScaleState as StaticLossScaleState
 from adamax_optax._loss_scale import unscale_gradients as unscale_gradients
-from adamax_optax._runner import Block as Block
-from adamax_optax._runner import Composite as Composite
+from adamax_optax._runner import block as block
 from adamax_optax._runner import chain as chain
 from adamax_optax._runner import named_chain as named_chain
 from adamax_optax._sharding import state_shardings as state_shardings
@@ -57,8 +56,6 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "AccumulateGradientsState",
-    "Block",
-    "Composite",
     "DynamicLossScaleState",
     "ParameterEMAState",
     "ScaleByKerasAdamaxState",
@@ -67,6 +64,7 @@ __all__ = [
     "__version__",
     "accumulate_gradients",
     "adamax",
+    "block",
     "chain",
     "decoupled_weight_decay",
     "dynamic_loss_scale",

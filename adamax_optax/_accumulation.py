@@ -86,7 +86,7 @@ def accumulate_gradients(
     *,
     state_dtype: DTypeLike | None = None,
     gating: _runner.Gating | None = None,
-) -> _runner.Composite:
+) -> optax.GradientTransformationExtraArgs:
     r"""Applies ``inner`` once every ``N`` calls, to the mean of their gradients.
 
     With ``N = gradient_accumulation_steps``, calls ``1 .. N - 1`` of each group

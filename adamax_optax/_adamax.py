@@ -35,7 +35,7 @@ def scale_by_keras_adamax(
     epsilon: ArrayLike = 1e-7,
     *,
     state_dtype: DTypeLike | None = None,
-) -> Block:
+) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by the Adamax rule exactly as Keras computes it.
 
     With ``t`` the number of updates applied so far plus one, each leaf becomes::
@@ -71,8 +71,9 @@ def scale_by_keras_adamax(
         dtype. A complex parameter keeps complex ``m`` of that precision.
 
     Returns:
-      A :class:`Block`: an ``optax.GradientTransformationExtraArgs`` whose
-      ``emit`` reads the direction from the new ``m`` and ``u``.
+      An ``optax.GradientTransformationExtraArgs`` that is also a block (see
+      :func:`block`): its ``emit`` reads the direction from the new ``m`` and
+      ``u``.
 
     Example (Keras' own golden value, one step with learning rate 0.5):
       >>> import jax.numpy as jnp, optax

@@ -72,7 +72,7 @@ def adamax(
     dynamic_loss_scale: bool | Mapping[str, Any] = False,
     ema_warmup: bool = False,
     gating: _runner.Gating | None = None,
-) -> _runner.Composite:
+) -> optax.GradientTransformationExtraArgs:
     r"""Keras' ``Adamax`` optimizer, every option included, as an optax transform.
 
     Takes the signature of ``keras.optimizers.Adamax`` and reproduces its
@@ -257,7 +257,7 @@ def adamax(
             inner, gradient_accumulation_steps, state_dtype=state_dtype, gating=gating
         )
         chain.append(("accumulate", accumulate))
-    optimizer: _runner.Composite = _runner.named_chain(*chain)
+    optimizer: optax.GradientTransformationExtraArgs = _runner.named_chain(*chain)
     if scaling is not None:
         optimizer = wrap_dynamic_loss_scale(optimizer, **scaling, gating=gating)
     return _cast_on_entry(optimizer, arguments)
@@ -276,8 +276,8 @@ class AdamaxUpdate:
 
 
 def _cast_on_entry(
-    optimizer: _runner.Composite, arguments: Mapping[str, Any]
-) -> _runner.Composite:
+    optimizer: optax.GradientTransformationExtraArgs, arguments: Mapping[str, Any]
+) -> optax.GradientTransformationExtraArgs:
     """``optimizer`` with gradients cast to their parameter's dtype first, as
     Keras casts them to the variable's (the arithmetic then runs in the compute
     dtype), so that updates leave in it."""
@@ -290,7 +290,9 @@ def _cast_on_entry(
     def emit_updates(updates, state, new_state, params=None, **extra_args):
         updates = _common.cast_to_params(updates, params)
         params = _common.as_arrays(params)
-        return optimizer.emit_updates(updates, state, new_state, params, **extra_args)
+        return _runner.emit_updates(
+            optimizer, updates, state, new_state, params, **extra_args
+        )
 
     return _runner.Composite(
         optimizer.init,

@@ -83,7 +83,7 @@ def dynamic_loss_scale(
     factor: float = 2.0,
     min_loss_scale: float = 1.0,
     gating: _runner.Gating | None = None,
-) -> _runner.Composite:
+) -> optax.GradientTransformationExtraArgs:
     r"""Wraps ``inner`` with dynamic loss scaling, as Keras' ``LossScaleOptimizer``.
 
     Multiply the loss by ``get_loss_scale(state)`` before differentiating and

@@ -55,7 +55,7 @@ def parameter_ema(
     *,
     ema_warmup: bool = False,
     state_dtype: DTypeLike | None = None,
-) -> Block:
+) -> optax.GradientTransformationExtraArgs:
     r"""Tracks a moving average of the parameters; can overwrite them with it.
 
     Put it last in a chain, so that ``w_new = params + updates`` are the
@@ -88,8 +88,8 @@ def parameter_ema(
       state_dtype: dtype of the average; ``None`` keeps each parameter's dtype.
 
     Returns:
-      A :class:`Block` (an ``optax.GradientTransformationExtraArgs``) that needs
-      ``params``.
+      An ``optax.GradientTransformationExtraArgs`` that needs ``params``, and
+      a block (see :func:`block`) that emits from its new average.
 
     Example:
       >>> import jax.numpy as jnp, optax

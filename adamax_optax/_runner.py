@@ -103,26 +103,7 @@ def select(run: jax.Array, updates: optax.Updates) -> optax.Updates:
 
 
 class Block(optax.GradientTransformationExtraArgs):
-    """An optax transformation that can also emit its updates from its new state.
-
-    ``emit(updates, new_state, params, **extra_args)`` returns what ``update``
-    returns as updates, given the state ``update`` returned: for Adamax the
-    direction read from the new ``m`` and ``u``. It is never given the old state.
-
-    Example (a running sum of the updates, emitted as the updates):
-      >>> import jax.numpy as jnp
-      >>> from adamax_optax import Block, accumulate_gradients
-      >>> def update(g, state, params=None, **extra_args):
-      ...     return state + g, state + g
-      >>> def emit(g, new_state, params=None, **extra_args):  # from the new state
-      ...     return new_state
-      >>> tx = accumulate_gradients(Block(jnp.zeros_like, update, emit), 2)
-      >>> state = tx.init(jnp.zeros(2))
-      >>> for g in (jnp.ones(2), 3 * jnp.ones(2), jnp.ones(2), jnp.ones(2)):
-      ...     updates, state = tx.update(g, state)
-      >>> updates  # the sum of the two group means, 2 + 1
-      Array([3., 3.], dtype=float32)
-    """
+    """The type of a :func:`block`: an optax transformation with an ``emit``."""
 
     emit: Emit
 
@@ -153,6 +134,40 @@ class Block(optax.GradientTransformationExtraArgs):
             )
 
         return cls(init, update, emit_dropping_extra_args)
+
+
+def block(
+    init: optax.TransformInitFn,
+    update: Callable[..., tuple[optax.Updates, optax.OptState]],
+    emit: Emit,
+) -> optax.GradientTransformationExtraArgs:
+    """An optax transformation that can also emit its updates from its new state.
+
+    ``update`` is an ordinary optax ``update(updates, state, params=None,
+    **extra_args)``. ``emit(updates, new_state, params=None, **extra_args)``
+    returns the updates that ``update`` returns, computed from the state that
+    ``update`` returned (for Adamax, the direction read from the new ``m`` and
+    ``u``); it is never given the old state. Under :func:`accumulate_gradients`
+    and :func:`dynamic_loss_scale`, composed with :func:`chain` or
+    :func:`named_chain`, a block's state is advanced in place behind the gate
+    and its updates emitted after it, so a skipped call neither copies nor
+    recomputes its state.
+
+    Example (a running sum of the updates, emitted as the updates):
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import accumulate_gradients, block
+      >>> def update(g, state, params=None, **extra_args):
+      ...     return state + g, state + g
+      >>> def emit(g, new_state, params=None, **extra_args):  # from the new state
+      ...     return new_state
+      >>> tx = accumulate_gradients(block(jnp.zeros_like, update, emit), 2)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> for g in (jnp.ones(2), 3 * jnp.ones(2), jnp.ones(2), jnp.ones(2)):
+      ...     updates, state = tx.update(g, state)
+      >>> updates  # the sum of the two group means, 2 + 1
+      Array([3., 3.], dtype=float32)
+    """
+    return Block(init, update, emit)
 
 
 class Composite(optax.GradientTransformationExtraArgs):
@@ -231,7 +246,7 @@ def nested_gating(gating: Gating | None, inner: optax.GradientTransformation) ->
 
 def named_chain(
     *transforms: tuple[str, optax.GradientTransformation],
-) -> Composite:
+) -> optax.GradientTransformationExtraArgs:
     """``optax.named_chain`` whose members' updates can be emitted after a gate.
 
     The same state (an ``OrderedDict`` by name) and results as
@@ -260,7 +275,9 @@ def named_chain(
     return _chain(names, [tx for _, tx in transforms], collections.OrderedDict)
 
 
-def chain(*transforms: optax.GradientTransformation) -> Composite:
+def chain(
+    *transforms: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
     """``optax.chain`` whose members' updates can be emitted after a gate.
 
     The same state (a tuple) and results as ``optax.chain``; see
