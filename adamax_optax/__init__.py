@@ -31,7 +31,6 @@ from adamax_optax._dynamic_loss_scale import dynamic_loss_scale as dynamic_loss_
 from adamax_optax._ema import ParameterEMAState as ParameterEMAState
 from adamax_optax._ema import finalize_variable_values as finalize_variable_values
 from adamax_optax._ema import parameter_ema as parameter_ema
-from adamax_optax._fast import jit_apply as jit_apply
 from adamax_optax._learning_rate import (
     ScaleByKerasLearningRateState as ScaleByKerasLearningRateState,
 )
@@ -75,7 +74,6 @@ __all__ = [
     "get_iterations",
     "get_learning_rate",
     "get_loss_scale",
-    "jit_apply",
     "keras_clipnorm",
     "keras_clipvalue",
     "keras_global_clipnorm",

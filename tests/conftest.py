@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -12,6 +14,12 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import settings
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The benchmarks and the examples are scripts beside the package, run from a
+# clone; their tests import them as modules.
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "examples"))
 
 # As in equinox: any silent upcast of a bf16 state or mixed-rank broadcast fails.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -50,6 +58,17 @@ def make_problem(seed: int = 0, steps: int = 50, scale: float = 3.0):
         for _ in range(steps)
     ]
     return params, grads
+
+
+def donated_step(tx: optax.GradientTransformation):
+    """``tx.update`` then ``optax.apply_updates`` under ``jax.jit``, the
+    parameters and the state donated: the training step users write."""
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def run_ours(tx: optax.GradientTransformation, params: dict, grads: list, jit=True):

@@ -9,12 +9,11 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import bench as _bench
 import jax
 import matplotlib.image
 import pytest
-
-from adamax_optax import _bench
-from adamax_optax.__main__ import main
+from bench import main
 
 FLOOR_WORDS = {  # the cost model: words of traffic per parameter
     "adamax_optax defaults": 7,
@@ -38,7 +37,6 @@ def result(tmp_path_factory):
         plot = path.with_suffix(".png")
         main(
             [
-                "bench",
                 *sizes,
                 "--repeats",
                 "2",
@@ -60,7 +58,7 @@ def test_plot_of_a_single_size_is_drawn(result):
 
 def test_help_gives_every_flag_a_default_and_a_description(capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "--help"])
+        main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--quick", "--sizes", "--leaves", "--dtypes", "--repeats"):
         assert flag in text
@@ -82,7 +80,7 @@ def test_plot_without_matplotlib_stops_before_measuring(monkeypatch):
 
     monkeypatch.setattr(_bench, "measure_bandwidth", measure)
     with pytest.raises(SystemExit, match="--plot needs matplotlib"):
-        main(["bench", "--quick", "--plot", "out.png"])
+        main(["--quick", "--plot", "out.png"])
 
 
 def test_each_missing_peer_is_named(monkeypatch, capsys):
@@ -100,7 +98,7 @@ def test_each_missing_peer_is_named(monkeypatch, capsys):
 
     monkeypatch.setattr(_bench, "measure_bandwidth", stop)
     with pytest.raises(KeyboardInterrupt):
-        main(["bench", "--quick"])
+        main(["--quick"])
     out = capsys.readouterr().out
     assert "skipped the Keras Adamax row (pip install keras): keras is not" in out
     assert "skipped the torch.optim.Adamax rows" in out and "flax" not in out

@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
-
-from adamax_optax.__main__ import main
-from adamax_optax._demo import (
+from train_digits import (
     FEATURES,
     build_baseline,
     build_optimizer,
+    main,
     parse_features,
     train,
 )
@@ -102,9 +101,7 @@ def test_parse_features():
 
 def test_command_line_runs_the_demo(tmp_path, capsys):
     options = ["--features", "ema", "--no-compare", "--no-progress"]
-    history = main(
-        ["demo", "--epochs", "1", *options, "--plot", str(tmp_path / "out.png")]
-    )
+    history = main(["--epochs", "1", *options, "--plot", str(tmp_path / "out.png")])
     out = capsys.readouterr().out
     assert "adamax(EMA momentum 0.9)" in out and "optax.adamax" not in out
     assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -113,5 +110,5 @@ def test_command_line_runs_the_demo(tmp_path, capsys):
 
 def test_command_line_rejects_unknown_features(capsys):
     with pytest.raises(SystemExit):
-        main(["demo", "--features", "lookahead"])
+        main(["--features", "lookahead"])
     assert "'lookahead'" in capsys.readouterr().err

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import donated_step, make_problem
 
 import adamax_optax as ao
 from adamax_optax import accumulate_gradients, adamax, dynamic_loss_scale
-from tests.conftest import make_problem
 
 SHAPES = {"w": (256, 1024), "b": (128, 1024)}
 SMALLEST_LEAF_BYTES = 128 * 1024 * 4
@@ -136,14 +136,6 @@ COMPOSITIONS = {
 # and is materialised, old and new both alive: measured, 4 to 12 leaves of
 # temporaries and up to 8 leaf copies. So it is checked where it holds.
 WHERE_IN_PLACE = ("adamax(N=4)", "chain(identity, adamax(N=4), scale)")
-
-
-def donated_step(tx):
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def assert_in_place(compiled, allowed_temporary_bytes=0):

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import donated_step, make_problem
 
-from adamax_optax import accumulate_gradients, adamax, jit_apply
-from tests.conftest import make_problem
+from adamax_optax import accumulate_gradients, adamax
 from tests.reference import ReferenceAdamax
 
 ACCUMULATE = dict(gradient_accumulation_steps=4)
@@ -33,14 +33,6 @@ WRAPPED = {
     "inject_hyperparams": lambda: inject(**ACCUMULATE),
     "dynamic_loss_scale": lambda: adamax(dynamic_loss_scale=True, **EVERY_OPTION),
 }
-
-
-def donated_step(tx):
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def run(tx, params, grads):
@@ -81,25 +73,6 @@ def test_accumulate_gradients_of_a_foreign_transformation():
         want = run(multi, params, grads)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7)
-
-
-def test_jit_apply_takes_multisteps():
-    params, grads = make_problem(steps=6)
-    params = {k: jnp.asarray(v) for k, v in params.items()}
-    multi = optax.MultiSteps(optax.sgd(0.1), 2)
-    got = jax.tree.map(jnp.array, params)
-    state = multi.init(got)
-    apply = jit_apply(multi)
-    with jax.numpy_dtype_promotion("standard"):  # optax's own code
-        for g in grads:
-            got, state = apply(got, state, g)
-    # Three updates, each with the mean of a pair of gradients.
-    want = {
-        k: params[k] - 0.1 * sum((grads[i][k] + grads[i + 1][k]) / 2 for i in (0, 2, 4))
-        for k in params
-    }
-    for key in want:
-        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""``jit_apply``: donated buffers; the accumulation fast path equals the slow one."""
+"""A donated training step: buffers updated in place, results those of a plain one."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import donated_step, make_problem
 
-from adamax_optax import adamax, get_iterations, jit_apply
-from tests.conftest import make_problem
+from adamax_optax import adamax, get_iterations
 
 CONFIGS = {
     "defaults": {},
@@ -38,7 +38,7 @@ CONFIGS = {
 }
 
 
-def slow_run(tx, params, grads):
+def plain_run(tx, params, grads):
     update = jax.jit(tx.update)
     state = tx.init(params)
     for g in grads:
@@ -47,8 +47,8 @@ def slow_run(tx, params, grads):
     return params, state
 
 
-def fast_run(tx, params, grads):
-    apply = jit_apply(tx)
+def donated_run(tx, params, grads):
+    apply = donated_step(tx)
     state = tx.init(params)
     for g in grads:
         params, state = apply(params, state, g)
@@ -56,13 +56,13 @@ def fast_run(tx, params, grads):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_jit_apply_equals_update_then_apply(name):
+def test_donated_step_equals_update_then_apply(name):
     params, grads = make_problem(steps=13)
     params = {k: jnp.asarray(v) for k, v in params.items()}
     tx = adamax(**CONFIGS[name])
     with jax.numpy_dtype_promotion("standard"):  # optax schedules
-        want_params, want_state = slow_run(tx, params, grads)
-        got_params, got_state = fast_run(tx, dict(params), grads)
+        want_params, want_state = plain_run(tx, params, grads)
+        got_params, got_state = donated_run(tx, dict(params), grads)
     assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
     for got, want in zip(
         jax.tree.leaves((got_params, got_state)),
@@ -79,13 +79,13 @@ def test_jit_apply_equals_update_then_apply(name):
     assert int(get_iterations(got_state)) == int(get_iterations(want_state))
 
 
-def test_state_moves_between_jit_apply_and_update():
-    """Mid-group, the fast path's state continues under tx.update and back."""
+def test_state_moves_between_donated_step_and_update():
+    """Mid-group, the donated step's state continues under tx.update and back."""
     params, grads = make_problem(steps=7)
     params = {k: jnp.asarray(v) for k, v in params.items()}
     tx = adamax(0.01, gradient_accumulation_steps=3, use_ema=True)
-    want, _ = slow_run(tx, params, grads)
-    apply, update = jit_apply(tx), jax.jit(tx.update)
+    want, _ = plain_run(tx, params, grads)
+    apply, update = donated_step(tx), jax.jit(tx.update)
     state, current = tx.init(params), dict(params)
     for i, g in enumerate(grads):
         if i % 2:
@@ -103,7 +103,7 @@ def test_buffers_are_donated(accumulate):
     params = {"w": jnp.ones(4)}
     state = tx.init(params)
     old_params, old_state = params, state
-    apply = jit_apply(tx)
+    apply = donated_step(tx)
     params, state = apply(params, state, {"w": jnp.ones(4)})
     assert old_params["w"].is_deleted()
     # Every array the size of the parameters (moments, accumulator, EMA) was
@@ -118,12 +118,7 @@ def test_mismatched_gradients_are_a_clear_error():
     tx = adamax(gradient_accumulation_steps=2)
     params = {"w": jnp.ones(4)}
     with pytest.raises(ValueError, match=r"accumulate_gradients.*shape"):
-        jit_apply(tx)(params, tx.init(params), {"w": jnp.ones(3)})
-
-
-def test_jit_apply_needs_a_transformation():
-    with pytest.raises(TypeError, match="GradientTransformation"):
-        jit_apply(lambda g, s, p: (g, s))
+        donated_step(tx)(params, tx.init(params), {"w": jnp.ones(3)})
 
 
 @pytest.mark.parametrize("clip", ["global_clipnorm", "clipnorm"])
@@ -133,6 +128,6 @@ def test_bfloat16_clipping_holds_no_float32_gradient(clip):
     the rounded bfloat16 clipped gradient, which the m and u kernels share.)"""
     tx = adamax(**{clip: 1.0})
     params = {"w": jnp.ones((256, 1024), jnp.bfloat16)}
-    compiled = jit_apply(tx).lower(params, tx.init(params), params).compile()
+    compiled = donated_step(tx).lower(params, tx.init(params), params).compile()
     float32_grads_bytes = 256 * 1024 * 4
     assert compiled.memory_analysis().temp_size_in_bytes < float32_grads_bytes

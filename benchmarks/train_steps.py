@@ -2,8 +2,7 @@
 
 Each step is ``value_and_grad`` of the model's loss, the optimizer's ``update`` and
 ``optax.apply_updates``, jitted with the parameters and the optimizer state donated
-(the form of a Flax ``TrainState`` step; ``jit_apply`` compiles to the same
-program). Ours against the optax equivalents:
+(the form of a Flax ``TrainState`` step). Ours against the optax equivalents:
 
 * ``adamax()`` against ``optax.adamax``;
 * ``adamax(global_clipnorm, weight_decay, use_ema)`` against the chain
@@ -23,48 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from models import MODELS
+from peers import FULL_OPTIONS, optax_chain, with_ema
 
-from adamax_optax._alias import adamax
-from adamax_optax._models import MODELS
-
-FULL = dict(global_clipnorm=1.0, weight_decay=1e-3, use_ema=True)
-
-
-def _optax_chain() -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.scale_by_adamax(),
-        optax.add_decayed_weights(1e-3),
-        optax.scale(-1e-3),
-    )
-
-
-def _with_ema(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` and a parameter EMA (momentum 0.99) of the updated parameters."""
-
-    def init(params):
-        return tx.init(params), jax.tree.map(jnp.array, params)
-
-    def update(grads, state, params):
-        inner, ema = state
-        updates, inner = tx.update(grads, inner, params)
-        new = optax.apply_updates(params, updates)
-        ema = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, ema, new)
-        return updates, (inner, ema)
-
-    return optax.GradientTransformation(init, update)
-
+from adamax_optax import adamax
 
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "optax.adamax": lambda: optax.adamax(1e-3),
     "adamax_optax defaults": lambda: adamax(),
-    "optax chain clip+decay+EMA": lambda: _with_ema(_optax_chain()),
-    "adamax_optax clip+decay+EMA": lambda: adamax(**FULL),
-    "optax.MultiSteps(chain), N=4": lambda: _with_ema(
-        optax.MultiSteps(_optax_chain(), 4).gradient_transformation()
+    "optax chain clip+decay+EMA": lambda: with_ema(optax_chain()),
+    "adamax_optax clip+decay+EMA": lambda: adamax(**FULL_OPTIONS),
+    "optax.MultiSteps(chain), N=4": lambda: with_ema(
+        optax.MultiSteps(optax_chain(), 4).gradient_transformation()
     ),
     "adamax_optax clip+decay+EMA, N=4": lambda: adamax(
-        **FULL, gradient_accumulation_steps=4
+        **FULL_OPTIONS, gradient_accumulation_steps=4
     ),
 }
 PEERS = {

@@ -1,6 +1,6 @@
 """The main job: a Flax MLP trained on scikit-learn's digits (shipped, no download).
 
-``python -m adamax_optax demo`` trains the same network twice, from the same
+``python examples/train_digits.py`` trains the same network twice, from the same
 initial weights, on the same batches and with the same number of updates: once
 with :func:`adamax_optax.adamax` (Keras options on) and once with ``optax.adamax``
 (inside ``optax.MultiSteps`` when accumulation is on, its learning rate on the same
@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamax_optax._alias import adamax
-from adamax_optax._ema import finalize_variable_values
+from adamax_optax import adamax, finalize_variable_values
 
 FEATURES = ("clip", "decay", "ema", "accumulation")
 """The Keras options the demo can switch on: ``--features clip,ema`` picks some."""
@@ -410,3 +409,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plot=None if args.no_plot else args.plot,
         progress=not args.no_progress,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parses ``argv`` (default: the command line) and runs the demo."""
+    parser = argparse.ArgumentParser(
+        prog="python examples/train_digits.py",
+        description="Train a Flax MLP on scikit-learn's digits with adamax_optax.",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
