@@ -20,9 +20,14 @@ def optax_chain() -> optax.GradientTransformation:
     )
 
 
+def update_ema(ema, params):
+    """The parameter EMA (momentum 0.99) optax users keep beside the optimizer."""
+    return optax.incremental_update(params, ema, 0.01)
+
+
 def with_ema(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` and a parameter EMA (momentum 0.99) of the updated parameters, which
-    optax does not have: kept beside ``tx``'s state."""
+    """``tx`` with the EMA of the updated parameters in its state, for steps built
+    around ``tx.update`` alone (the training-step benchmark)."""
 
     def init(params):
         return tx.init(params), jax.tree.map(jnp.array, params)
@@ -30,8 +35,22 @@ def with_ema(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     def update(grads, state, params):
         inner, ema = state
         updates, inner = tx.update(grads, inner, params)
-        new = optax.apply_updates(params, updates)
-        ema = optax.incremental_update(new, ema, 0.01)
-        return updates, (inner, ema)
+        return updates, (inner, update_ema(ema, optax.apply_updates(params, updates)))
 
     return optax.GradientTransformation(init, update)
+
+
+def step_with_ema(tx: optax.GradientTransformation):
+    """``(init, step)``: a donated step that applies ``tx`` and then moves the EMA
+    of the new parameters, as an optax user writes it."""
+
+    def init(params):
+        return tx.init(params), jax.tree.map(jnp.array, params)
+
+    def step(params, state, grads):
+        inner, ema = state
+        updates, inner = tx.update(grads, inner, params)
+        params = optax.apply_updates(params, updates)
+        return params, (inner, update_ema(ema, params))
+
+    return init, jax.jit(step, donate_argnums=(0, 1))

@@ -1,6 +1,6 @@
 """The benchmark command runs end to end; the memory target is checked exactly.
 
-Timings are not asserted (machines are noisy: RESULTS.md reports them). XLA's
+Timings are not asserted (machines are noisy: docs/performance.md reports them). XLA's
 buffer assignment is deterministic, so the peak-memory target is a test.
 """
 

@@ -92,12 +92,33 @@ def test_readme_shell_command(command, tmp_path):
         pytest.fail(f"README command not covered by the tests: {command}")
 
 
-def test_readme_code_fences_pair_up():
-    """Each block opens with a language and closes bare: a stray fence would turn
-    the rest of the page into one code block on any Markdown renderer."""
-    fences = [
+def rendered() -> list:
+    """The README's tokens as a CommonMark renderer with tables sees them."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable("table").parse(README.read_text())
+
+
+def test_readme_renders_its_comparison_table_as_a_table():
+    """A stray code fence once turned the table into one code block."""
+    tokens = rendered()
+    headers = [
+        tokens[i + 1].content
+        for i, token in enumerate(tokens)
+        if token.type == "th_open"
+    ]
+    assert "`keras.optimizers.Adamax`" in headers and "`optax.adamax`" in headers
+    rows = [token for token in tokens if token.type == "tr_open"]
+    assert len(rows) >= 15
+
+
+def test_readme_code_fences_close():
+    """Every fenced block closes where it should: the fences the renderer finds
+    are exactly the blocks written, each with a language."""
+    fences = [token for token in rendered() if token.type == "fence"]
+    opened = [
         line for line in README.read_text().splitlines() if line.startswith("```")
     ]
-    assert len(fences) % 2 == 0
-    for opening, closing in zip(fences[::2], fences[1::2], strict=True):
-        assert opening != "```" and closing == "```", (opening, closing)
+    assert len(fences) * 2 == len(opened)
+    assert all(fence.info in ("bash", "python") for fence in fences)
+    assert "## Against Keras and optax" not in "".join(f.content for f in fences)

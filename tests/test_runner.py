@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,12 +210,9 @@ def run(tx, params, grads):
 
 
 def assert_trees_close(got, want, rtol=2e-6, atol=1e-7):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_allclose(
-            np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol
-        )
+    """Same structure, dtypes and values within float32 rounding."""
+    chex.assert_trees_all_equal_dtypes(got, want)
+    chex.assert_trees_all_close(got, want, rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +251,7 @@ def test_gatings_equal_optax_multisteps(small_problem):
             got, _ = run(
                 accumulate_gradients(blocks(ao.chain), 3, gating=gating), params, grads
             )
+            chex.assert_tree_all_finite(got)
             assert_trees_close(got, want, rtol=1e-6, atol=1e-6)
 
 
