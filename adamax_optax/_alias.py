@@ -189,6 +189,12 @@ def adamax(
         f"`ema_overwrite_frequency={ema_overwrite_frequency}` has no effect "
         "without `use_ema=True`.",
     )
+    _warn_without_effect(
+        isinstance(ema_momentum, int | float)
+        and ema_momentum != 0.99  # Keras' default, in every Keras config
+        and not use_ema,
+        f"`ema_momentum={ema_momentum}` has no effect without `use_ema=True`.",
+    )
     _validation.check_bool("ema_warmup", ema_warmup)
     _warn_without_effect(
         ema_warmup and not use_ema,

@@ -271,38 +271,69 @@ def check_float_params(params: Any, transform_name: str) -> None:
             )
 
 
-def check_updates_match(updates: Any, reference: Any, transform_name: str) -> None:
-    """Gradients must have the parameters' structure and shapes, and be floats.
-
-    Runs at trace time on static information, so a mismatch is a clear error
-    even inside ``jit``, not a failure deep in a tree map.
-    """
-    if jax.tree.structure(updates) != jax.tree.structure(reference):
-        raise ValueError(
-            f"`{transform_name}` got gradients whose tree structure does not "
-            f"match the parameters'.\n  gradients:  {jax.tree.structure(updates)}"
-            f"\n  parameters: {jax.tree.structure(reference)}"
-        )
-    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
-    for (path, g), r in zip(flat, jax.tree.leaves(reference), strict=True):
-        name = key_path_name(path)
-        if jnp.shape(g) != jnp.shape(r):
+def check_tree_match(
+    tree: Any, reference: Any, what: str, against: str, transform_name: str
+) -> None:
+    """``tree`` must have ``reference``'s structure and leaf shapes; the error
+    names the first leaf where they part. Runs at trace time, on static
+    information, so a mismatch is a clear error even inside ``jit``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    references = jax.tree_util.tree_flatten_with_path(reference)[0]
+    names = [key_path_name(path) for path, _ in leaves]
+    reference_names = [key_path_name(path) for path, _ in references]
+    for index in range(max(len(names), len(reference_names))):
+        name = names[index] if index < len(names) else None
+        expected = reference_names[index] if index < len(reference_names) else None
+        if name != expected:
+            found = repr(name) if name is not None else "missing"
+            wanted = repr(expected) if expected is not None else "missing"
             raise ValueError(
-                f"`{transform_name}`: gradient {name!r} has shape {jnp.shape(g)} "
-                f"but the parameter has shape {jnp.shape(r)}."
+                f"`{transform_name}`: the {what} do not match the {against}: "
+                f"leaf {index} is {found} in the {what}, {wanted} in the "
+                f"{against} ({len(names)} leaves against {len(reference_names)})."
             )
+        shape, wanted_shape = (
+            jnp.shape(leaves[index][1]),
+            jnp.shape(references[index][1]),
+        )
+        if shape != wanted_shape:
+            raise ValueError(
+                f"`{transform_name}`: leaf {name!r} has shape {shape} in the "
+                f"{what}, {wanted_shape} in the {against}."
+            )
+    if jax.tree.structure(tree) != jax.tree.structure(reference):
+        raise ValueError(
+            f"`{transform_name}`: the {what} have the {against}' leaves in another "
+            f"container.\n  {what}: {jax.tree.structure(tree)}"
+            f"\n  {against}: {jax.tree.structure(reference)}"
+        )
+
+
+STATE = "optimizer state"
+
+
+def check_updates_match(updates: Any, reference: Any, transform_name: str) -> None:
+    """Gradients must have the state's structure and shapes, and be floats."""
+    check_tree_match(updates, reference, "gradients", STATE, transform_name)
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    for path, g in flat:
         if not jnp.issubdtype(jnp.result_type(g), jnp.inexact):
             raise TypeError(
-                f"`{transform_name}`: gradient {name!r} has dtype "
+                f"`{transform_name}`: gradient {key_path_name(path)!r} has dtype "
                 f"{jnp.result_type(g)}; gradients must be floating point "
                 "(real or complex)."
             )
 
 
-def require_params(params: Any, transform_name: str) -> None:
-    """Raises a clear error when a transformation that reads params gets none."""
+def require_params(
+    params: Any, transform_name: str, reference: Any = None, against: str = STATE
+) -> None:
+    """A clear error when a transformation that reads params gets none, or
+    parameters unlike ``reference`` (the state they made, or the gradients)."""
     if params is None:
         raise ValueError(
             f"`{transform_name}` needs the current parameters: call "
             "`update(updates, state, params)`."
         )
+    if reference is not None:
+        check_tree_match(params, reference, "params", against, transform_name)

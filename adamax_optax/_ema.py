@@ -117,7 +117,7 @@ def parameter_ema(
         state: ParameterEMAState,
         params: optax.Params | None = None,
     ) -> ParameterEMAState:
-        _common.require_params(params, "parameter_ema")
+        _common.require_params(params, "parameter_ema", state.ema)
         first = state.count == 0
 
         @_common.per_dtype
@@ -156,7 +156,7 @@ def parameter_ema(
     ) -> optax.Updates:
         if ema_overwrite_frequency is None:
             return updates
-        _common.require_params(params, "parameter_ema")
+        _common.require_params(params, "parameter_ema", new_state.ema)
         overwrite = new_state.count % ema_overwrite_frequency == 0
 
         def overwritten(u: jax.Array, e: jax.Array, w: jax.Array) -> jax.Array:
@@ -212,4 +212,16 @@ def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) ->
             f"The optimizer state holds {len(found)} parameter EMAs; "
             "`finalize_variable_values` needs exactly one."
         )
+    try:
+        _common.check_tree_match(
+            params, found[0].ema, "params", "EMA", "finalize_variable_values"
+        )
+    except ValueError as error:
+        if "flax" in type(params).__module__:  # an NNX state, filtered or not
+            raise ValueError(
+                f"{error} An NNX model's state holds more than its parameters "
+                "(BatchNorm statistics, RNG counts): pass "
+                "`nnx.state(model, nnx.Param)`."
+            ) from None
+        raise
     return _common.cast_like(found[0].ema, params)

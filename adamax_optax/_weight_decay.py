@@ -156,7 +156,9 @@ def decoupled_weight_decay(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        _common.require_params(params, "decoupled_weight_decay")
+        _common.require_params(
+            params, "decoupled_weight_decay", updates, against="gradients"
+        )
         return jax.tree.map(decay_leaf, excluded(params), updates, params), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,4 +1,4 @@
-"""The places where we depart from Keras on purpose (see the README).
+"""The places where we depart from Keras on purpose (docs/semantics.md).
 
 Each is pinned against the NumPy reference written from the documented rule, and
 where Keras computes something else, the test also shows that Keras really does differ.

@@ -17,7 +17,11 @@ import adamax_optax
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 PAGES = sorted(
-    p for p in DOCS.rglob("*.md") if "_build" not in p.parts and p.name != "api.md"
+    p
+    for p in DOCS.rglob("*.md")
+    # Pages written by hand: not the build's output or autosummary's stubs.
+    if not {"_build", "_autosummary", "jupyter_execute"} & set(p.parts)
+    and p.name != "api.md"
 )
 
 

@@ -227,3 +227,22 @@ def test_optax_chain_with_transforms_before_and_after(data):
     ema = adamax_optax.finalize_variable_values(params, opt_state)
     reference.assert_matches(ema)
     np.testing.assert_array_equal(ema["hidden"]["bias"], start["hidden"]["bias"])
+
+
+def test_nnx_state_with_batch_statistics_gets_a_hint():
+    """The EMA covers the parameters; a whole NNX state (BatchNorm statistics
+    too) is refused with the filter to use, not a raw tree error."""
+    from flax import nnx
+
+    model = nnx.Sequential(
+        nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+    )
+    optimizer = nnx.Optimizer(model, adamax_optax.adamax(use_ema=True), wrt=nnx.Param)
+    with pytest.raises(ValueError, match=r"nnx.state\(model, nnx.Param\)"):
+        adamax_optax.finalize_variable_values(nnx.state(model), optimizer)
+    final = adamax_optax.finalize_variable_values(
+        nnx.state(model, nnx.Param), optimizer
+    )
+    assert len(jax.tree.leaves(final)) == len(
+        jax.tree.leaves(nnx.state(model, nnx.Param))
+    )

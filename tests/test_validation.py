@@ -221,3 +221,38 @@ def test_options_with_effect_do_not_warn():
 def test_ema_warmup_without_ema_warns():
     with pytest.warns(UserWarning, match=r"`ema_warmup=True` has no effect"):
         adamax(ema_warmup=True)
+
+
+def test_ema_momentum_without_use_ema_warns_but_keras_defaults_do_not():
+    with pytest.warns(UserWarning, match=r"`ema_momentum=0.9` has no effect"):
+        adamax(ema_momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adamax(ema_momentum=0.99)  # Keras' default, in every Keras config
+        adamax(ema_momentum=0.9, use_ema=True)
+        adamax(ema_momentum=jnp.asarray(0.9))  # inject_hyperparams passes arrays
+
+
+@pytest.mark.parametrize("options", [dict(use_ema=True), dict(weight_decay=0.1)])
+def test_params_unlike_the_state_name_the_leaf(options):
+    tx = adamax(**options)
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    state = tx.init(params)
+    with pytest.raises(
+        ValueError,
+        match=r"params do not match .*: leaf 1 is missing in the params, 'b'",
+    ):
+        tx.update(params, state, {"a": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"leaf 'b' has shape \(4,\) in the params"):
+        jax.jit(tx.update)(params, state, {"a": jnp.ones(3), "b": jnp.ones(4)})
+
+
+def test_gradients_unlike_the_state_name_the_leaf_and_the_state():
+    tx = adamax()
+    state = tx.init({"a": jnp.ones(3), "b": jnp.ones(2)})
+    with pytest.raises(
+        ValueError,
+        match=r"gradients do not match the optimizer state: "
+        r"leaf 1 is 'c' in the gradients, 'b'",
+    ):
+        tx.update({"a": jnp.ones(3), "c": jnp.ones(2)}, state)
