@@ -648,3 +648,9 @@ def test_python_number_leaves(options):
     if not options:
         np.testing.assert_allclose(got["a"], -1e-3, rtol=1e-5)
         np.testing.assert_allclose(got["b"], 1e-3, rtol=1e-5)
+
+
+def test_integer_leaves_are_refused_at_init_naming_the_leaf():
+    """optax steps integer parameters with rounding; we refuse them clearly."""
+    with pytest.raises(TypeError, match=r"leaf 'b' has dtype int32"):
+        adamax(1e-3).init({"a": 1.0, "b": 2})
