@@ -15,6 +15,8 @@ import optax
 import pytest
 from hypothesis import settings
 
+from adamax_optax import adamax
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The benchmarks and the examples are scripts beside the package, run from a
 # clone; their tests import them as modules.
@@ -58,6 +60,24 @@ def make_problem(seed: int = 0, steps: int = 50, scale: float = 3.0):
         for _ in range(steps)
     ]
     return params, grads
+
+
+ACCUMULATE = dict(gradient_accumulation_steps=4)
+EVERY_OPTION = dict(
+    gradient_accumulation_steps=4,
+    weight_decay=0.01,
+    global_clipnorm=1.0,
+    use_ema=True,
+    ema_overwrite_frequency=3,
+)
+"""Every option that shapes a gated step: accumulation, clipping, decay, EMA."""
+
+
+def injected_adamax(**options):
+    """``adamax`` under ``optax.inject_hyperparams``, its integers static."""
+    return optax.inject_hyperparams(
+        adamax, static_args=("gradient_accumulation_steps", "gating")
+    )(learning_rate=1e-3, **options)
 
 
 def donated_step(tx: optax.GradientTransformation):

@@ -19,7 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import donated_step, make_problem
+from conftest import (
+    ACCUMULATE,
+    EVERY_OPTION,
+    donated_step,
+    injected_adamax,
+    make_problem,
+)
 
 import adamax_optax as ao
 from adamax_optax import accumulate_gradients, adamax, dynamic_loss_scale
@@ -27,15 +33,6 @@ from adamax_optax import accumulate_gradients, adamax, dynamic_loss_scale
 SHAPES = {"w": (256, 1024), "b": (128, 1024)}
 SMALLEST_LEAF_BYTES = 128 * 1024 * 4
 GRADIENT_BYTES = (256 + 128) * 1024 * 4
-
-ACCUMULATE = dict(gradient_accumulation_steps=4)
-EVERY_OPTION = dict(
-    gradient_accumulation_steps=4,
-    weight_decay=0.01,
-    global_clipnorm=1.0,
-    use_ema=True,
-    ema_overwrite_frequency=3,
-)
 
 
 def blocks(chain=ao.named_chain, stateless_optax=False):
@@ -62,12 +59,6 @@ def blocks(chain=ao.named_chain, stateless_optax=False):
         ao.parameter_ema(0.99),
     ]
     return ao.chain(*members)
-
-
-def inject(**options):
-    return optax.inject_hyperparams(
-        adamax, static_args=("gradient_accumulation_steps", "gating")
-    )(learning_rate=1e-3, **options)
 
 
 # name -> (factory of a transformation for a gating, temporaries allowed)
@@ -102,7 +93,7 @@ COMPOSITIONS = {
         ),
         0,
     ),
-    "inject_hyperparams": (lambda g: inject(**ACCUMULATE, gating=g), 0),
+    "inject_hyperparams": (lambda g: injected_adamax(**ACCUMULATE, gating=g), 0),
     "accumulate(named_chain(blocks))": (
         lambda g: accumulate_gradients(blocks(), 4, gating=g),
         0,

@@ -7,29 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import donated_step, make_problem
+from conftest import (
+    ACCUMULATE,
+    EVERY_OPTION,
+    donated_step,
+    injected_adamax,
+    make_problem,
+)
 
 from adamax_optax import accumulate_gradients, adamax
 
-ACCUMULATE = dict(gradient_accumulation_steps=4)
-EVERY_OPTION = dict(
-    gradient_accumulation_steps=4,
-    weight_decay=0.01,
-    global_clipnorm=1.0,
-    use_ema=True,
-    ema_overwrite_frequency=3,
-)
-
-
-def inject(**options):
-    return optax.inject_hyperparams(
-        adamax, static_args=("gradient_accumulation_steps",)
-    )(learning_rate=1e-3, **options)
-
-
 WRAPPED = {
     "chain(identity, tx)": lambda: optax.chain(optax.identity(), adamax(**ACCUMULATE)),
-    "inject_hyperparams": lambda: inject(**ACCUMULATE),
+    "inject_hyperparams": lambda: injected_adamax(**ACCUMULATE),
     "dynamic_loss_scale": lambda: adamax(dynamic_loss_scale=True, **EVERY_OPTION),
 }
 
