@@ -15,6 +15,7 @@ import importlib.util
 import json
 import pathlib
 import platform
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -560,6 +561,57 @@ def _blocks() -> Any:
     )
 
 
+IN_PLACE_SHAPES = {"w": (256, 1024), "b": (128, 1024)}
+"""Two float32 leaves; the smaller, 512 KiB, is the unit of the in-place table."""
+
+
+def in_place_rows() -> list[dict[str, Any]]:
+    """Leaf-sized temporaries and leaf copies of one donated step, per gating:
+    what XLA's buffer assignment holds besides parameters, state and gradients."""
+    accumulation = dict(gradient_accumulation_steps=ACCUMULATION)
+    compositions = {
+        "adamax(N=4)": lambda g: adamax(**accumulation, gating=g),
+        "adamax(N=4, clip, decay, EMA)": lambda g: adamax(
+            **accumulation, **FULL_OPTIONS, gating=g
+        ),
+        "adamax(N=4, clip, decay, EMA, dynamic_loss_scale)": lambda g: adamax(
+            **accumulation, **FULL_OPTIONS, dynamic_loss_scale=True, gating=g
+        ),
+        "accumulate_gradients(named_chain(blocks), 4)": lambda g: accumulate_gradients(
+            _blocks(), ACCUMULATION, gating=g
+        ),
+        "dynamic_loss_scale(accumulate_gradients(...))": lambda g: dynamic_loss_scale(
+            accumulate_gradients(_blocks(), ACCUMULATION), gating=g
+        ),
+        "adamax(dynamic_loss_scale), no accumulation": lambda g: adamax(
+            dynamic_loss_scale=True, gating=g
+        ),
+        "optax.MultiSteps(optax_chain(), 4)": lambda g: optax.MultiSteps(
+            optax_chain(), ACCUMULATION
+        ).gradient_transformation(),
+    }
+    unit = 128 * 1024 * 4
+    copy = re.compile(r"= f32\[(256|128),1024\]\{[0-9,]*\} copy\(")
+    params = {k: jnp.ones(shape) for k, shape in IN_PLACE_SHAPES.items()}
+    rows = []
+    print(f"{'composition':52s} temporaries / copies, in units of 512 KiB")
+    for name, make in compositions.items():
+        row: dict[str, Any] = dict(composition=name)
+        for gating in ("loop", "cond", "where"):
+            tx = make(gating)
+            compiled = donated(tx).lower(params, tx.init(params), params).compile()
+            temporaries = compiled.memory_analysis().temp_size_in_bytes / unit
+            copies = len(copy.findall(compiled.as_text()))
+            row[gating] = dict(temporaries=temporaries, copies=copies)
+        rows.append(row)
+        cells = "  ".join(
+            f"{g} {row[g]['temporaries']:4.1f} / {row[g]['copies']}"
+            for g in ("loop", "cond", "where")
+        )
+        print(f"{name:52s} {cells}")
+    return rows
+
+
 def target_rows(total: int, leaves: int, pairs: int) -> list[dict[str, Any]]:
     """The gating targets, each timed interleaved with what it is compared to."""
     grads = make_tree(total, leaves, jnp.float32, 0.5)
@@ -822,8 +874,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets",
         action="store_true",
-        help="only the gating targets at the largest --sizes and --leaves: "
-        "micro-step and update step over their floors for each gating, "
+        help="only the gating measurements: leaf-sized temporaries and copies "
+        "of each composition and gating, then, at the largest --sizes and "
+        "--leaves, micro-step and update step over their floors for each gating, "
         "compositions over adamax(), defaults over optax.adamax, each timed "
         "interleaved (A B A B, --pairs pairs)",
     )
@@ -862,6 +915,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             device_kind=jax.devices()[0].device_kind,
             parameters=total,
             leaves=leaves,
+            in_place=in_place_rows(),
             targets=target_rows(total, leaves, args.pairs),
         )
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
