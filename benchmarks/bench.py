@@ -173,33 +173,15 @@ def build_cases(total: int, leaves: int, dtype: Any) -> Iterator[Case]:
     """
     grads = make_tree(total, leaves, dtype, 0.5)
 
-    def ours(name, words, phase=None, **options):
-        tx = adamax(**options)
+    def theirs(name, words, tx, phase=None, peer=None):
+        """A donated step of ``tx``, timed at micro-step ``phase`` if given."""
         params = make_tree(total, leaves, dtype, 1.0)
         phase_of = mini_step_of if phase is not None else None
-        return Case(
-            name,
-            words,
-            donated(tx),
-            (params, tx.init(params)),
-            grads,
-            phase_of,
-            phase,
-        )
+        state = (params, tx.init(params))
+        return Case(name, words, donated(tx), state, grads, phase_of, phase, peer)
 
-    def theirs(name, words, tx, phase=None, peer=None):
-        params = make_tree(total, leaves, dtype, 1.0)
-        phase_of = (lambda ps: int(ps[1].mini_step)) if phase is not None else None
-        return Case(
-            name,
-            words,
-            donated(tx),
-            (params, tx.init(params)),
-            grads,
-            phase_of,
-            phase,
-            peer,
-        )
+    def ours(name, words, phase=None, **options):
+        return theirs(name, words, adamax(**options), phase)
 
     yield ours("adamax_optax defaults", 7)
     yield theirs("optax.adamax", 7, optax.adamax(1e-3), peer="adamax_optax defaults")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -89,6 +90,17 @@ def donated_step(tx: optax.GradientTransformation):
         return optax.apply_updates(params, updates), state
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def run_donated(tx: optax.GradientTransformation, params: Any, grads: list):
+    """Feeds ``grads`` through :func:`donated_step`; returns the final
+    parameters and state (``params`` itself is left intact)."""
+    step = donated_step(tx)
+    params = jax.tree.map(jnp.array, params)
+    state = tx.init(params)
+    for g in grads:
+        params, state = step(params, state, g)
+    return params, state
 
 
 def run_ours(tx: optax.GradientTransformation, params: dict, grads: list, jit=True):

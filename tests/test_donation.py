@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import donated_step, make_problem
+from conftest import donated_step, make_problem, run_donated
 
 from adamax_optax import adamax, get_iterations
 
@@ -47,14 +47,6 @@ def plain_run(tx, params, grads):
     return params, state
 
 
-def donated_run(tx, params, grads):
-    apply = donated_step(tx)
-    state = tx.init(params)
-    for g in grads:
-        params, state = apply(params, state, g)
-    return params, state
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_donated_step_equals_update_then_apply(name):
     params, grads = make_problem(steps=13)
@@ -62,7 +54,7 @@ def test_donated_step_equals_update_then_apply(name):
     tx = adamax(**CONFIGS[name])
     with jax.numpy_dtype_promotion("standard"):  # optax schedules
         want_params, want_state = plain_run(tx, params, grads)
-        got_params, got_state = donated_run(tx, dict(params), grads)
+        got_params, got_state = run_donated(tx, dict(params), grads)
     assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
     for got, want in zip(
         jax.tree.leaves((got_params, got_state)),

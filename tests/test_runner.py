@@ -25,6 +25,7 @@ from conftest import (
     donated_step,
     injected_adamax,
     make_problem,
+    run_donated,
 )
 
 import adamax_optax as ao
@@ -190,16 +191,6 @@ def test_nnx_optimizer_step_compiles_to_in_place_form():
     assert_in_place(jax.jit(step, donate_argnums=0).lower(state, grads).compile())
 
 
-def run(tx, params, grads):
-    """Feeds ``grads`` through a donated step; returns parameters and state."""
-    step = donated_step(tx)
-    params = jax.tree.map(jnp.array, params)
-    state = tx.init(params)
-    for g in grads:
-        params, state = step(params, state, g)
-    return params, state
-
-
 def assert_trees_close(got, want, rtol=2e-6, atol=1e-7):
     """Same structure, dtypes and values within float32 rounding."""
     chex.assert_trees_all_equal_dtypes(got, want)
@@ -226,9 +217,9 @@ def small_problem():
 )
 def test_every_gating_computes_the_same(make, small_problem):
     params, grads = small_problem
-    want = run(make("cond"), params, grads)
+    want = run_donated(make("cond"), params, grads)
     for gating in ("loop", "where"):
-        assert_trees_close(run(make(gating), params, grads), want)
+        assert_trees_close(run_donated(make(gating), params, grads), want)
 
 
 def test_gatings_equal_optax_multisteps(small_problem):
@@ -237,9 +228,9 @@ def test_gatings_equal_optax_multisteps(small_problem):
     grads = [g for g in grads if np.all(np.isfinite(g["out/kernel"]))]
     with jax.numpy_dtype_promotion("standard"):  # optax's own code
         multi = optax.MultiSteps(optax.chain(*blocks(ao.chain).members), 3)
-        want, _ = run(multi.gradient_transformation(), params, grads)
+        want, _ = run_donated(multi.gradient_transformation(), params, grads)
         for gating in ("loop", "cond", "where"):
-            got, _ = run(
+            got, _ = run_donated(
                 accumulate_gradients(blocks(ao.chain), 3, gating=gating), params, grads
             )
             chex.assert_tree_all_finite(got)
@@ -295,7 +286,7 @@ def test_composition_follows_adamax_schedule_included():
     params = {k: jnp.asarray(v) for k, v in params.items()}
     schedule = optax.linear_schedule(0.01, 0.0, 40)
     with jax.numpy_dtype_promotion("standard"):
-        want, want_state = run(
+        want, want_state = run_donated(
             adamax(schedule, gradient_accumulation_steps=4, weight_decay=0.01),
             params,
             grads,
@@ -308,7 +299,7 @@ def test_composition_follows_adamax_schedule_included():
             ),
             4,
         )
-        got, got_state = run(composed, params, grads)
+        got, got_state = run_donated(composed, params, grads)
     assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
     assert float(ao.get_learning_rate(got_state)) == pytest.approx(
         float(ao.get_learning_rate(want_state))

@@ -10,9 +10,9 @@ import pytest
 from conftest import (
     ACCUMULATE,
     EVERY_OPTION,
-    donated_step,
     injected_adamax,
     make_problem,
+    run_donated,
 )
 
 from adamax_optax import accumulate_gradients, adamax
@@ -22,16 +22,6 @@ WRAPPED = {
     "inject_hyperparams": lambda: injected_adamax(**ACCUMULATE),
     "dynamic_loss_scale": lambda: adamax(dynamic_loss_scale=True, **EVERY_OPTION),
 }
-
-
-def run(tx, params, grads):
-    """Feeds ``grads`` through a donated step; ``params`` is left intact."""
-    step = donated_step(tx)
-    params = jax.tree.map(jnp.array, params)
-    state = tx.init(params)
-    for g in grads:
-        params, state = step(params, state, g)
-    return params
 
 
 @pytest.mark.parametrize(
@@ -44,10 +34,10 @@ def test_wrapped_optimizer_moves_as_the_bare_one(name):
     params, grads = make_problem(steps=11)
     params = {k: jnp.asarray(v) for k, v in params.items()}
     bare = dict(EVERY_OPTION) if name == "dynamic_loss_scale" else dict(ACCUMULATE)
-    want = run(adamax(**bare), params, grads)
+    want = run_donated(adamax(**bare), params, grads)[0]
     if name == "dynamic_loss_scale":
         grads = [{k: v * 2.0**15 for k, v in g.items()} for g in grads]
-    got = run(WRAPPED[name](), params, grads)
+    got = run_donated(WRAPPED[name](), params, grads)[0]
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=2e-7, atol=1e-8)
 
@@ -57,8 +47,8 @@ def test_accumulate_gradients_of_a_foreign_transformation():
     params, grads = make_problem(steps=9)
     params = {k: jnp.asarray(v) for k, v in params.items()}
     with jax.numpy_dtype_promotion("standard"):  # optax's own code
-        got = run(accumulate_gradients(optax.adam(0.01), 3), params, grads)
+        got = run_donated(accumulate_gradients(optax.adam(0.01), 3), params, grads)[0]
         multi = optax.MultiSteps(optax.adam(0.01), 3).gradient_transformation()
-        want = run(multi, params, grads)
+        want = run_donated(multi, params, grads)[0]
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7)
