@@ -43,9 +43,12 @@ from adamax_optax._runner import block as block
 from adamax_optax._runner import chain as chain
 from adamax_optax._runner import named_chain as named_chain
 from adamax_optax._sharding import state_shardings as state_shardings
+from adamax_optax._skip_nonfinite import SkipNonfiniteState as SkipNonfiniteState
+from adamax_optax._skip_nonfinite import skip_nonfinite as skip_nonfinite
 from adamax_optax._state import get_iterations as get_iterations
 from adamax_optax._state import get_learning_rate as get_learning_rate
 from adamax_optax._state import get_loss_scale as get_loss_scale
+from adamax_optax._state import get_skipped_steps as get_skipped_steps
 from adamax_optax._weight_decay import decoupled_weight_decay as decoupled_weight_decay
 
 try:
@@ -59,6 +62,7 @@ __all__ = [
     "ParameterEMAState",
     "ScaleByKerasAdamaxState",
     "ScaleByKerasLearningRateState",
+    "SkipNonfiniteState",
     "StaticLossScaleState",
     "__version__",
     "accumulate_gradients",
@@ -74,6 +78,7 @@ __all__ = [
     "get_iterations",
     "get_learning_rate",
     "get_loss_scale",
+    "get_skipped_steps",
     "keras_clipnorm",
     "keras_clipvalue",
     "keras_global_clipnorm",
@@ -81,6 +86,7 @@ __all__ = [
     "parameter_ema",
     "scale_by_keras_adamax",
     "scale_by_keras_learning_rate",
+    "skip_nonfinite",
     "state_shardings",
     "unscale_gradients",
 ]

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import DTypeLike
 
@@ -19,46 +20,79 @@ class AccumulateGradientsState(NamedTuple):
     Attributes:
       mini_step: micro-steps already taken in the current group (int32, in
         ``0 .. N - 1``).
-      accumulator: the sum of the group's gradients so far, in the state dtype;
-        on the group's last call it becomes the group's mean, which the update
-        reads. The group's first micro-step overwrites it instead of adding to
-        it, so it is never reset: after an update it still holds the finished
-        group's mean, which nothing reads again. This saves a full write of the
-        accumulator on every update (the cost model: ``docs/semantics.md``).
+      weight_sum: the sum of the group's weights so far (float32; each call
+        weighs 1 unless it passes ``weight``); after an update it still holds
+        the finished group's total.
+      accumulator: the weighted sum of the group's gradients so far, in the
+        state dtype; on the group's last call it becomes the group's weighted
+        mean, which the update reads. The group's first micro-step overwrites it
+        instead of adding to it, so it is never reset: after an update it still
+        holds the finished group's mean, which nothing reads again. This saves a
+        full write of the accumulator on every update (the cost model: the
+        performance page of the docs).
       inner_state: the state of the wrapped transformation; it only moves on the
         last micro-step of each group.
     """
 
     mini_step: jax.Array
+    weight_sum: jax.Array
     accumulator: optax.Updates
     inner_state: optax.OptState
+
+
+class GroupStep(NamedTuple):
+    """One call's place in its group: whether it starts the group, ends it, and
+    (ending it) applies an update, which a group of zero weight does not."""
+
+    first: jax.Array
+    last: jax.Array
+    weight_sum: jax.Array
+
+    @property
+    def is_update(self) -> jax.Array:
+        return self.last & (self.weight_sum > 0)
+
+
+def group_step(
+    state: AccumulateGradientsState,
+    steps: int,
+    weight: jax.Array,
+    flush: jax.Array,
+) -> GroupStep:
+    """Where a call with ``weight`` (and ``flush``) falls in the current group."""
+    first = state.mini_step == 0
+    weight_sum = jnp.where(first, weight, state.weight_sum + weight)
+    return GroupStep(first, (state.mini_step == steps - 1) | flush, weight_sum)
 
 
 def add_to_group(
     accumulator: optax.Updates,
     grads: optax.Updates,
-    mini_step: jax.Array,
-    steps: int,
+    weight: jax.Array,
+    step: GroupStep,
 ) -> optax.Updates:
-    """The accumulator after ``grads``, in its dtype: the group's running sum,
-    and on the group's last call (``mini_step == steps - 1``) the group's mean.
+    """The accumulator after ``weight * grads``, in its dtype: the group's
+    weighted running sum, and on the group's last call the weighted mean (the
+    sum over ``step.weight_sum``; zeros for a group of zero weight).
 
-    On the group's first call (``mini_step == 0``) the sum is ``grads`` itself:
-    what the accumulator held before belongs to the previous group. Writing the
-    mean in place lets the inner transformation read it as a buffer: XLA's CPU
-    backend materialises a division it would have to share between a reduction
-    (a global norm) and elementwise kernels.
+    On the group's first call the sum is ``weight * grads`` itself: what the
+    accumulator held before belongs to the previous group. Writing the mean in
+    place lets the inner transformation read it as a buffer: XLA's CPU backend
+    materialises a division it would have to share between a reduction (a
+    global norm) and elementwise kernels.
     """
-    first, last = mini_step == 0, mini_step == steps - 1
+    divisor = jnp.where(step.weight_sum > 0, step.weight_sum, 1.0)
 
     def add(a: jax.Array, g: jax.Array) -> jax.Array:
         g = _common.sharded_like(g, a)
         dtype = _common.compute_dtype(a.dtype, g.dtype)
-        g_wide = g.astype(dtype)
-        total = jnp.where(first, g_wide, a.astype(dtype) + g_wide)
-        divisor = _common.as_compute_scalar(steps, _common.real_dtype(dtype))
-        mean = _common.divide_by_real(total, divisor)
-        return jnp.where(last, mean, total).astype(a.dtype)
+        real = _common.real_dtype(dtype)
+        g_weighted = _common.by_parts(
+            lambda g: weight.astype(real) * g, g.astype(dtype)
+        )
+        total = jnp.where(step.first, g_weighted, a.astype(dtype) + g_weighted)
+        mean = _common.divide_by_real(total, divisor.astype(real))
+        return jnp.where(step.last, mean, total).astype(a.dtype)
 
     return jax.tree.map(add, accumulator, grads)
 
@@ -68,6 +102,26 @@ def as_gradients(accumulator: optax.Updates, grads: optax.Updates) -> optax.Upda
     return jax.tree.map(
         lambda a, g: _common.sharded_like(a.astype(g.dtype), g), accumulator, grads
     )
+
+
+def group_arguments(extra_args: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """``weight`` (float32, 1 when absent) and ``flush`` (bool, ``False`` when
+    absent) taken out of ``extra_args``; a concrete weight must be finite and
+    >= 0, a flush a bool."""
+    weight = extra_args.pop("weight", None)
+    flush = extra_args.pop("flush", None)
+    if weight is None:
+        weight = 1.0
+    elif not isinstance(weight, jax.core.Tracer):
+        _validation.check_non_negative("weight", weight)
+    if flush is None:
+        flush = False
+    elif not isinstance(flush, jax.core.Tracer) and not (
+        isinstance(flush, bool | np.bool_)
+        or (np.ndim(flush) == 0 and np.asarray(flush).dtype == np.bool_)
+    ):
+        raise TypeError(f"`flush` must be a bool. Received: flush={flush!r}")
+    return jnp.asarray(weight, jnp.float32), jnp.asarray(flush, jnp.bool_)
 
 
 def check_gradient_accumulation_steps(value: Any) -> None:
@@ -150,6 +204,7 @@ def accumulate_gradients(
         _common.check_float_params(params, "accumulate_gradients")
         return AccumulateGradientsState(
             mini_step=jnp.zeros([], jnp.int32),
+            weight_sum=jnp.zeros([], jnp.float32),
             accumulator=_common.zeros_like_in(params, state_dtype),
             inner_state=inner.init(params),
         )
@@ -161,8 +216,9 @@ def accumulate_gradients(
         **extra_args: Any,
     ) -> tuple[optax.Updates, AccumulateGradientsState]:
         _common.check_updates_match(updates, state.accumulator, "accumulate_gradients")
-        is_update = state.mini_step == steps - 1
-        accumulator = add_to_group(state.accumulator, updates, state.mini_step, steps)
+        weight, flush = group_arguments(extra_args)
+        step = group_step(state, steps, weight, flush)
+        accumulator = add_to_group(state.accumulator, updates, weight, step)
 
         def advance_inner(inner_state: Any, operands: Any) -> Any:
             mean, current = operands
@@ -171,10 +227,11 @@ def accumulate_gradients(
                 return inner.update(mean, inner_state, current, **extra_args)[1]
 
         new_state = AccumulateGradientsState(
-            mini_step=jnp.where(is_update, 0, state.mini_step + 1).astype(jnp.int32),
+            mini_step=jnp.where(step.last, 0, state.mini_step + 1).astype(jnp.int32),
+            weight_sum=step.weight_sum,
             accumulator=accumulator,
             inner_state=_runner.gate(
-                is_update,
+                step.is_update,
                 advance_inner,
                 state.inner_state,
                 (accumulator, params),
@@ -190,6 +247,7 @@ def accumulate_gradients(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> optax.Updates:
+        group_arguments(extra_args)  # consumed here, not handed to ``inner``
         mean = as_gradients(new_state.accumulator, updates)
         with accumulating(steps):
             emitted = _runner.emit_updates(
@@ -200,6 +258,8 @@ def accumulate_gradients(
                 params,
                 **extra_args,
             )
-        return _runner.select(state.mini_step == steps - 1, emitted)
+        # An update ends its group (the micro-step returns to 0) with weight.
+        updated = (new_state.mini_step == 0) & (new_state.weight_sum > 0)
+        return _runner.select(updated, emitted)
 
     return _runner.Composite(init_fn, update_fn, emit_fn, (inner,), gating)

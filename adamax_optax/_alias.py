@@ -35,6 +35,7 @@ from adamax_optax._learning_rate import (
     scale_by_keras_learning_rate,
 )
 from adamax_optax._loss_scale import unscale_gradients
+from adamax_optax._skip_nonfinite import skip_nonfinite as wrap_skip_nonfinite
 from adamax_optax._weight_decay import ExcludeFromWeightDecay, decoupled_weight_decay
 
 
@@ -71,6 +72,8 @@ def adamax(
     state_dtype: DTypeLike | None = None,
     dynamic_loss_scale: bool | Mapping[str, Any] = False,
     ema_warmup: bool = False,
+    skip_nonfinite: bool = False,
+    skip_norm_above: ArrayLike | None = None,
     gating: _runner.Gating | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keras' ``Adamax`` optimizer, every option included, as an optax transform.
@@ -91,6 +94,15 @@ def adamax(
 
     5. ``use_ema``: the moving average of the parameters, which replaces them
        every ``ema_overwrite_frequency`` updates.
+
+    With ``skip_nonfinite=True`` (beyond Keras) a call whose gradient, after
+    step 1, holds a NaN or an infinity changes nothing and returns zero updates
+    (see :func:`skip_nonfinite`). Without it, as in Keras, one NaN element makes
+    the infinity norm ``u`` NaN for good.
+
+    Under accumulation, ``update(grads, state, params, weight=w)`` weighs the
+    call's gradient by ``w`` in its group's mean, and ``flush=True`` ends the
+    group at this call (see :func:`accumulate_gradients`).
 
     Complex parameters follow optax's convention (pass the conjugate gradient):
     ``abs(g)`` is the modulus and the norms for clipping sum ``|g| ** 2``;
@@ -138,12 +150,17 @@ def adamax(
         :func:`parameter_ema`).
       dynamic_loss_scale: ``True``, or a dict of :func:`dynamic_loss_scale`
         settings (``initial_scale``, ``growth_steps``, ``factor``,
-        ``min_loss_scale``), wraps the whole optimizer in dynamic loss scaling,
-        Keras' ``LossScaleOptimizer``: multiply the loss by
+        ``min_loss_scale``, ``max_loss_scale``), wraps the whole optimizer in
+        dynamic loss scaling, Keras' ``LossScaleOptimizer``: multiply the loss by
         :func:`get_loss_scale` and pass the scaled gradients. Exclusive with
         ``loss_scale_factor``.
+      skip_nonfinite: beyond Keras, off by default: skip a call whose
+        gradient (after ``loss_scale_factor``) holds a NaN or an infinity;
+        :func:`get_skipped_steps` counts the skipped calls.
+      skip_norm_above: with ``skip_nonfinite``, also skip a call whose global
+        gradient norm (before clipping) exceeds this, > 0, or ``None``.
       gating: how a call that leaves the state alone (an accumulation
-        micro-step, a skipped loss-scale step) is compiled: ``"loop"``,
+        micro-step, a skipped step) is compiled: ``"loop"``,
         ``"cond"``, ``"where"`` (computes the inner update and selects), or
         ``None`` for the backend's default. All give the same results; see
         :func:`accumulate_gradients` and the performance page of the docs.
@@ -196,6 +213,14 @@ def adamax(
         f"`ema_momentum={ema_momentum}` has no effect without `use_ema=True`.",
     )
     _validation.check_bool("ema_warmup", ema_warmup)
+    _validation.check_bool("skip_nonfinite", skip_nonfinite)
+    if skip_norm_above is not None:
+        _validation.check_positive("skip_norm_above", skip_norm_above)
+    _warn_without_effect(
+        skip_norm_above is not None and not skip_nonfinite,
+        f"`skip_norm_above={skip_norm_above}` has no effect without "
+        "`skip_nonfinite=True`.",
+    )
     _warn_without_effect(
         ema_warmup and not use_ema,
         "`ema_warmup=True` has no effect without `use_ema=True`.",
@@ -252,21 +277,31 @@ def adamax(
             )
         )
 
+    if gradient_accumulation_steps is not None:
+        accumulate = accumulate_gradients(
+            _runner.named_chain(*update_chain),
+            gradient_accumulation_steps,
+            state_dtype=state_dtype,
+            gating=gating,
+        )
+        update_chain = [("accumulate", accumulate)]
+    if skip_nonfinite:
+        protected = wrap_skip_nonfinite(
+            _runner.named_chain(*update_chain),
+            skip_norm_above=skip_norm_above,
+            gating=gating,
+        )
+        update_chain = [("skip_nonfinite", protected)]
     chain = []
     if loss_scale_factor is not None:
         chain.append(("loss_scale", unscale_gradients(loss_scale_factor)))
-    if gradient_accumulation_steps is None:
-        chain.extend(update_chain)
-    else:
-        inner = _runner.named_chain(*update_chain)
-        accumulate = accumulate_gradients(
-            inner, gradient_accumulation_steps, state_dtype=state_dtype, gating=gating
-        )
-        chain.append(("accumulate", accumulate))
+    chain.extend(update_chain)
     optimizer: optax.GradientTransformationExtraArgs = _runner.named_chain(*chain)
     if scaling is not None:
         optimizer = wrap_dynamic_loss_scale(optimizer, **scaling, gating=gating)
-    return _cast_on_entry(optimizer, arguments)
+    return _cast_on_entry(
+        optimizer, arguments, accumulates=gradient_accumulation_steps is not None
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -282,13 +317,18 @@ class AdamaxUpdate:
 
 
 def _cast_on_entry(
-    optimizer: optax.GradientTransformationExtraArgs, arguments: Mapping[str, Any]
+    optimizer: optax.GradientTransformationExtraArgs,
+    arguments: Mapping[str, Any],
+    accumulates: bool,
 ) -> optax.GradientTransformationExtraArgs:
     """``optimizer`` with gradients cast to their parameter's dtype first, as
     Keras casts them to the variable's (the arithmetic then runs in the compute
-    dtype), so that updates leave in it."""
+    dtype), so that updates leave in it. Without accumulation, the group
+    arguments ``weight`` and ``flush`` are refused: they would do nothing."""
 
     def update(updates, state, params=None, **extra_args):
+        if not accumulates:
+            _refuse_group_arguments(extra_args)
         updates = _common.cast_to_params(updates, params)
         params = _common.as_arrays(params)
         return optimizer.update(updates, state, params, **extra_args)
@@ -306,6 +346,17 @@ def _cast_on_entry(
         emit_updates,
         (optimizer,),
     )
+
+
+def _refuse_group_arguments(extra_args: Mapping[str, Any]) -> None:
+    given = [name for name in ("weight", "flush") if extra_args.get(name) is not None]
+    if given:
+        raise TypeError(
+            f"`update` received {', '.join(f'`{n}`' for n in given)}, which only "
+            "gradient accumulation uses, but this optimizer has "
+            "`gradient_accumulation_steps=None`: every call is its own update. "
+            "Set `gradient_accumulation_steps`, or drop the argument."
+        )
 
 
 def arguments_of(optimizer: optax.GradientTransformation) -> dict[str, Any]:

@@ -58,6 +58,20 @@ def _abs_sq(g: jax.Array) -> jax.Array:
     return jnp.square(g)
 
 
+def global_norm(updates: optax.Updates) -> jax.Array:
+    """``sqrt(sum over leaves of sum(|g| ** 2))``, in the widest compute dtype
+    (real); inside ``jit`` with sharded leaves the sums are global."""
+    leaves = jax.tree.leaves(updates)
+    dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
+    squared = [
+        jnp.sum(_abs_sq(g.astype(_common.compute_dtype(g.dtype)))).astype(dtype)
+        for g in jax.tree.leaves(_separate_read(updates))
+    ]
+    if not squared:
+        return jnp.zeros([], dtype)
+    return jnp.sqrt(jnp.sum(jnp.stack(squared)))
+
+
 def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformationExtraArgs:
     r"""Clips each leaf to an L2 norm of at most ``clipnorm`` (Keras' ``clipnorm``).
 
@@ -132,16 +146,8 @@ def keras_global_clipnorm(
     _validation.check_positive("global_clipnorm", global_clipnorm)
 
     def clip(updates: optax.Updates) -> optax.Updates:
-        leaves = jax.tree.leaves(updates)
-        dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
-        c = _common.as_compute_scalar(global_clipnorm, dtype)
-        squared = [
-            jnp.sum(_abs_sq(g.astype(_common.compute_dtype(g.dtype)))).astype(dtype)
-            for g in jax.tree.leaves(_separate_read(updates))
-        ]
-        norm = (
-            jnp.sqrt(jnp.sum(jnp.stack(squared))) if squared else jnp.zeros([], dtype)
-        )
+        norm = global_norm(updates)
+        c = _common.as_compute_scalar(global_clipnorm, norm.dtype)
         scale = c * jnp.minimum(1.0 / norm, 1.0 / c) + (norm - norm)
 
         def clip_leaf(g: jax.Array) -> jax.Array:

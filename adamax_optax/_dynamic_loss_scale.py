@@ -17,12 +17,15 @@ class DynamicLossScaleState(NamedTuple):
     Attributes:
       loss_scale: the factor to multiply the next loss by (float32).
       good_steps: consecutive finite steps since the scale last changed (int32).
+      skipped_steps: calls skipped for a non-finite gradient so far (int32);
+        :func:`adamax_optax.get_skipped_steps` reads it.
       inner_state: the wrapped transformation's state; a non-finite step leaves
         it bit-identical.
     """
 
     loss_scale: jax.Array
     good_steps: jax.Array
+    skipped_steps: jax.Array
     inner_state: optax.OptState
 
 
@@ -31,32 +34,18 @@ DYNAMIC_LOSS_SCALE_DEFAULTS = {
     "growth_steps": 2000,
     "factor": 2.0,
     "min_loss_scale": 1.0,
+    "max_loss_scale": None,
 }
 
 
-def all_finite(tree: Any) -> jax.Array:
-    """``True`` when every element of every leaf is finite.
-
-    Sums ``x - x`` per leaf, which is 0 for finite elements and NaN for an
-    infinite or NaN one: a reduction that reads each gradient once, where
-    ``all(isfinite(x))`` materialises a boolean array first.
-    """
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.asarray(True)
-    sums = [jnp.sum(_nan_if_not_finite(x)) for x in leaves]
-    return jnp.all(jnp.stack([jnp.isfinite(s) for s in sums]))
-
-
-def _nan_if_not_finite(x: jax.Array) -> jax.Array:
-    x = x.astype(_common.compute_dtype(x.dtype))
-    return x - x
-
-
 def check_dynamic_loss_scale_settings(
-    initial_scale: Any, growth_steps: Any, factor: Any, min_loss_scale: Any
+    initial_scale: Any,
+    growth_steps: Any,
+    factor: Any,
+    min_loss_scale: Any,
+    max_loss_scale: Any = None,
 ) -> None:
-    """Validates the four settings, naming the one that is wrong."""
+    """Validates the settings, naming the one that is wrong."""
     _validation.check_positive("initial_scale", initial_scale)
     _validation.check_integer_at_least(
         "growth_steps", growth_steps, 1, "`growth_steps` must be an integer >= 1."
@@ -73,6 +62,15 @@ def check_dynamic_loss_scale_settings(
             "`initial_scale` must be >= `min_loss_scale`. Received: "
             f"initial_scale={initial_scale}, min_loss_scale={min_loss_scale}"
         )
+    if max_loss_scale is None:
+        return
+    _validation.check_positive("max_loss_scale", max_loss_scale)
+    cap = _validation.concrete_scalar(max_loss_scale)
+    if cap is not None and start is not None and cap < start:
+        raise ValueError(
+            "`max_loss_scale` must be >= `initial_scale`. Received: "
+            f"max_loss_scale={max_loss_scale}, initial_scale={initial_scale}"
+        )
 
 
 def dynamic_loss_scale(
@@ -82,6 +80,7 @@ def dynamic_loss_scale(
     growth_steps: int = 2000,
     factor: float = 2.0,
     min_loss_scale: float = 1.0,
+    max_loss_scale: float | None = None,
     gating: _runner.Gating | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wraps ``inner`` with dynamic loss scaling, as Keras' ``LossScaleOptimizer``.
@@ -90,13 +89,17 @@ def dynamic_loss_scale(
     pass the *scaled* gradients to ``update``. Then, with ``s`` the current scale:
 
     * all gradients finite: ``inner`` runs on ``g / s``; after ``growth_steps``
-      finite steps in a row the scale becomes ``s * factor`` (unless that would
-      overflow);
+      finite steps in a row the scale becomes ``min(s * factor,
+      max_loss_scale)`` (unless that would overflow);
     * any gradient non-finite: the step is skipped entirely (zero updates; the
-      inner state, accumulator, moments and EMA stay bit-identical) and the
-      scale becomes ``max(s / factor, min_loss_scale)``.
+      inner state, accumulator, moments and EMA stay bit-identical), counted in
+      ``skipped_steps`` (:func:`adamax_optax.get_skipped_steps`), and the scale
+      becomes ``max(s / factor, min_loss_scale)``.
 
-    Keras has no floor (``min_loss_scale``); jmp does. The defaults are Keras'.
+    Keras has neither a floor (``min_loss_scale``) nor a cap
+    (``max_loss_scale``); jmp has both. The defaults are Keras': floor 1, no
+    cap. The scale is float32 and the counters int32 whatever the parameters'
+    dtype.
     A skipped step copies nothing: ``inner`` advances behind a gate that is
     closed on a skipped step, and its updates are emitted after it from its new
     state, selected to zero (see :func:`accumulate_gradients`).
@@ -107,6 +110,8 @@ def dynamic_loss_scale(
       growth_steps: finite steps in a row before growing, >= 1.
       factor: growth and back-off factor, > 1.
       min_loss_scale: the scale never goes below this, > 0.
+      max_loss_scale: the scale never grows above this, >= ``initial_scale``;
+        ``None`` (the default, Keras' behaviour) for no cap.
       gating: how the gate is compiled (see :func:`accumulate_gradients`).
 
     Returns:
@@ -125,7 +130,7 @@ def dynamic_loss_scale(
       Array([-0.1,  0.1], dtype=float32)
     """
     check_dynamic_loss_scale_settings(
-        initial_scale, growth_steps, factor, min_loss_scale
+        initial_scale, growth_steps, factor, min_loss_scale, max_loss_scale
     )
     gating = _runner.nested_gating(gating, inner)
     inner = optax.with_extra_args_support(inner)
@@ -134,6 +139,7 @@ def dynamic_loss_scale(
         return DynamicLossScaleState(
             loss_scale=jnp.asarray(initial_scale, _common.COMPUTE_DTYPE),
             good_steps=jnp.zeros([], jnp.int32),
+            skipped_steps=jnp.zeros([], jnp.int32),
             inner_state=inner.init(params),
         )
 
@@ -146,6 +152,8 @@ def dynamic_loss_scale(
         scale = state.loss_scale
         f = _common.as_compute_scalar(factor)
         grown = scale * f
+        if max_loss_scale is not None:
+            grown = jnp.minimum(grown, _common.as_compute_scalar(max_loss_scale))
         grow = (state.good_steps + 1 >= growth_steps) & jnp.isfinite(grown)
         finite_scale = jnp.where(grow, grown, scale)
         finite_good_steps = jnp.where(grow, 0, state.good_steps + 1)
@@ -160,7 +168,7 @@ def dynamic_loss_scale(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, DynamicLossScaleState]:
-        finite = all_finite(updates)
+        finite = _common.all_finite(updates)
 
         def advance_inner(inner_state: Any, operands: Any) -> Any:
             grads, current = operands
@@ -170,7 +178,11 @@ def dynamic_loss_scale(
         inner_state = _runner.gate(
             finite, advance_inner, state.inner_state, (updates, params), gating
         )
-        new_state = DynamicLossScaleState(*next_scale(finite, state), inner_state)
+        loss_scale, good_steps = next_scale(finite, state)
+        skipped_steps = state.skipped_steps + jnp.where(finite, 0, 1)
+        new_state = DynamicLossScaleState(
+            loss_scale, good_steps, skipped_steps.astype(jnp.int32), inner_state
+        )
         return emit_fn(updates, state, new_state, params, **extra_args), new_state
 
     def emit_fn(
@@ -188,6 +200,6 @@ def dynamic_loss_scale(
             params,
             **extra_args,
         )
-        return _runner.select(all_finite(updates), emitted)
+        return _runner.select(_common.all_finite(updates), emitted)
 
     return _runner.Composite(init_fn, update_fn, emit_fn, (inner,), gating)

@@ -19,8 +19,12 @@ from adamax_optax._common import find_states
 from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
 from adamax_optax._learning_rate import ScaleByKerasLearningRateState
 from adamax_optax._loss_scale import StaticLossScaleState
+from adamax_optax._skip_nonfinite import SkipNonfiniteState
 
 State = TypeVar("State")
+
+SKIP_COUNTERS = (SkipNonfiniteState, DynamicLossScaleState)
+"""The states that count skipped calls in a ``skipped_steps`` field."""
 
 
 def find_one(tree: Any, kind: type[State], accessor: str) -> State:
@@ -102,3 +106,44 @@ def get_loss_scale(opt_state: optax.OptState) -> jax.Array:
             "state; it needs at most one."
         )
     return found[0].loss_scale if found else jnp.ones([], jnp.float32)
+
+
+def get_skipped_steps(opt_state: optax.OptState) -> jax.Array:
+    """The number of calls skipped so far (int32).
+
+    Counts the calls :func:`skip_nonfinite` (``adamax(skip_nonfinite=True)``)
+    skipped for a non-finite or too large gradient, and those
+    :func:`dynamic_loss_scale` skipped for a non-finite scaled gradient. A
+    skipped accumulation micro-step counts once, like any call.
+
+    Raises:
+      ValueError: if the state has neither a skip counter nor a dynamic loss
+        scale, so that nothing could have been skipped.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import adamax, get_iterations, get_skipped_steps
+      >>> tx = adamax(skip_nonfinite=True)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> for g in ([1.0, jnp.nan], [1.0, 1.0], [jnp.inf, 0.0]):
+      ...     _, state = tx.update(jnp.array(g), state)
+      >>> int(get_skipped_steps(state)), int(get_iterations(state))
+      (2, 1)
+    """
+    found = find_states(opt_state, SKIP_COUNTERS)
+    if not found:
+        raise ValueError(
+            "`get_skipped_steps` needs an optimizer state with a skip counter: "
+            "build the optimizer with `skip_nonfinite=True` or "
+            "`dynamic_loss_scale=True` (or wrap it in `skip_nonfinite`)."
+        )
+    return sum((_all_skip_counts(state) for state in found), jnp.zeros([], jnp.int32))
+
+
+def _all_skip_counts(state: Any) -> jax.Array:
+    """``state``'s own skip count plus those of the skip states nested in it
+    (``find_states`` stops at the outermost match)."""
+    nested = find_states(state.inner_state, SKIP_COUNTERS)
+    return state.skipped_steps + sum(
+        (_all_skip_counts(inner) for inner in nested), jnp.zeros([], jnp.int32)
+    )

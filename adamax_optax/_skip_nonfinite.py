@@ -1,0 +1,151 @@
+"""Skipping bad steps: a call with a non-finite (or too large) gradient does nothing."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from adamax_optax import _common, _runner, _validation
+from adamax_optax._clipping import global_norm
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of :func:`skip_nonfinite`.
+
+    Attributes:
+      skipped_steps: calls skipped so far (int32);
+        :func:`adamax_optax.get_skipped_steps` reads it.
+      inner_state: the wrapped transformation's state; a skipped call leaves it
+        bit-identical.
+    """
+
+    skipped_steps: jax.Array
+    inner_state: optax.OptState
+
+
+def is_good_step(
+    updates: optax.Updates,
+    skip_norm_above: ArrayLike | None,
+    extra_args: dict[str, Any],
+) -> jax.Array:
+    """``True`` when the call may run: every gradient element and the
+    accumulation ``weight`` (if given) finite, and the global norm at most
+    ``skip_norm_above`` (if set)."""
+    good = _common.all_finite(updates)
+    weight = extra_args.get("weight")
+    if weight is not None:
+        good = good & _common.all_finite(jnp.asarray(weight, jnp.float32))
+    if skip_norm_above is not None:
+        norm = global_norm(updates)
+        good = good & (norm <= _common.as_compute_scalar(skip_norm_above, norm.dtype))
+    return good
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation,
+    *,
+    skip_norm_above: ArrayLike | None = None,
+    gating: _runner.Gating | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Skips a call whose gradient holds a NaN or an infinity: it changes nothing.
+
+    A call is *good* when every element of every gradient leaf is finite (and
+    the accumulation ``weight``, when one is passed), and, with
+    ``skip_norm_above``, the global norm ``sqrt(sum |g| ** 2)`` is at most that.
+    A good call is ``inner.update``; any other call:
+
+    * returns zero updates, so the parameters stay as they are;
+    * leaves ``inner``'s state bit-identical: moments, EMA, the schedule's and
+      the bias correction's counts, an accumulator and its micro-step (under
+      accumulation the bad micro-step is dropped, and the group waits for its
+      ``N`` good ones; a ``flush=True`` on a skipped call is dropped with it);
+    * adds one to ``skipped_steps`` (:func:`adamax_optax.get_skipped_steps`).
+
+    Without it, a single NaN element makes Adamax's ``u`` NaN for good (and,
+    under ``global_clipnorm``, every leaf's update). optax's ``apply_if_finite``
+    computes the inner update on every call and selects; this wrapper advances
+    ``inner`` behind a gate, as :func:`adamax_optax.accumulate_gradients` does,
+    so a skipped call computes and copies nothing. The finiteness check is one
+    read of the gradient (a sum of ``g - g``, which never overflows); it is not
+    folded into a global norm, whose ``g ** 2`` overflows float32 above about
+    1.8e19 and would skip large finite gradients.
+
+    With :func:`adamax_optax.dynamic_loss_scale` around it, it sees the
+    unscaled gradients, and :func:`adamax_optax.get_skipped_steps` adds both
+    counts (a call skipped by the loss scale never reaches this wrapper).
+
+    Args:
+      inner: the transformation to protect.
+      skip_norm_above: also skip a call whose global gradient norm exceeds
+        this, > 0; ``None`` (the default) checks finiteness only.
+      gating: how the gate is compiled (see
+        :func:`adamax_optax.accumulate_gradients`).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`SkipNonfiniteState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from adamax_optax import get_skipped_steps, skip_nonfinite
+      >>> tx = skip_nonfinite(optax.sgd(0.1, momentum=0.9))
+      >>> state = tx.init(jnp.zeros(2))
+      >>> updates, state = tx.update(jnp.array([jnp.nan, 1.0]), state)
+      >>> updates, int(get_skipped_steps(state))
+      (Array([0., 0.], dtype=float32), 1)
+      >>> updates, state = tx.update(jnp.array([1.0, 1.0]), state)
+      >>> updates  # the momentum never saw the NaN
+      Array([-0.1, -0.1], dtype=float32)
+    """
+    if skip_norm_above is not None:
+        _validation.check_positive("skip_norm_above", skip_norm_above)
+    gating = _runner.nested_gating(gating, inner)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: optax.Params) -> SkipNonfiniteState:
+        return SkipNonfiniteState(
+            skipped_steps=jnp.zeros([], jnp.int32), inner_state=inner.init(params)
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: SkipNonfiniteState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, SkipNonfiniteState]:
+        good = is_good_step(updates, skip_norm_above, extra_args)
+
+        def advance_inner(inner_state: Any, operands: Any) -> Any:
+            grads, current = operands
+            return inner.update(grads, inner_state, current, **extra_args)[1]
+
+        inner_state = _runner.gate(
+            good, advance_inner, state.inner_state, (updates, params), gating
+        )
+        skipped_steps = state.skipped_steps + jnp.where(good, 0, 1)
+        new_state = SkipNonfiniteState(skipped_steps.astype(jnp.int32), inner_state)
+        return emit_fn(updates, state, new_state, params, **extra_args), new_state
+
+    def emit_fn(
+        updates: optax.Updates,
+        state: SkipNonfiniteState,
+        new_state: SkipNonfiniteState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> optax.Updates:
+        emitted = _runner.emit_updates(
+            inner,
+            updates,
+            state.inner_state,
+            new_state.inner_state,
+            params,
+            **extra_args,
+        )
+        good = new_state.skipped_steps == state.skipped_steps
+        return _runner.select(good, emitted)
+
+    return _runner.Composite(init_fn, update_fn, emit_fn, (inner,), gating)
