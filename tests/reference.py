@@ -40,6 +40,8 @@ class ReferenceAdamax:
         loss_scale_factor: float | None = None,
         gradient_accumulation_steps: int | None = None,
         exclude_from_weight_decay: Iterable[str] = (),
+        skip_nonfinite: bool = False,
+        skip_norm_above: float | None = None,
     ):
         self.params = {k: _wide(v).copy() for k, v in params.items()}
         self.learning_rate = learning_rate
@@ -51,6 +53,9 @@ class ReferenceAdamax:
         self.ema_overwrite_frequency = ema_overwrite_frequency
         self.loss_scale_factor = loss_scale_factor
         self.n = gradient_accumulation_steps or 1
+        self.skip_nonfinite, self.skip_norm_above = skip_nonfinite, skip_norm_above
+        self.skipped = 0  # calls skipped for a bad gradient
+        self.group_calls, self.group_weight = 0, 0.0
         patterns = list(exclude_from_weight_decay)
         self.excluded = {
             k for k in params if patterns and re.search("|".join(patterns), k)
@@ -64,9 +69,17 @@ class ReferenceAdamax:
         self.updates = 0  # real updates applied
 
     def _lr(self) -> float:
+        # Keras' micro-step index of the update's last call: k * N + N - 1.
         if callable(self.learning_rate):
-            return float(self.learning_rate(self.calls))
+            return float(self.learning_rate(self.updates * self.n + self.n - 1))
         return float(self.learning_rate)
+
+    def _is_bad(self, g: dict[str, np.ndarray], weight: float) -> bool:
+        values = [*g.values(), np.asarray(weight)]
+        if not all(np.all(np.isfinite(v)) for v in values):
+            return True
+        norm = np.sqrt(sum(np.sum(np.abs(v) ** 2) for v in g.values()))
+        return self.skip_norm_above is not None and norm > self.skip_norm_above
 
     def _clip(self, g: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.clipnorm is not None:
@@ -85,19 +98,32 @@ class ReferenceAdamax:
             return {k: np.clip(v, -c, c) for k, v in g.items()}
         return g
 
-    def step(self, grads: dict[str, np.ndarray]) -> None:
+    def step(
+        self, grads: dict[str, np.ndarray], weight: float = 1.0, flush: bool = False
+    ) -> None:
+        """One call: ``weight`` weighs the gradient in its group's mean and
+        ``flush`` ends the group here (under accumulation)."""
         g = {k: _wide(v) for k, v in grads.items()}
         if self.loss_scale_factor is not None:
             g = {k: v / self.loss_scale_factor for k, v in g.items()}
+        if self.skip_nonfinite and self._is_bad(g, weight):
+            self.skipped += 1
+            return
         lr = self._lr()
         self.calls += 1
         if self.n > 1:
-            if self.calls % self.n != 0:
-                for k in g:
-                    self.accumulator[k] = self.accumulator[k] + g[k]
+            for k in g:
+                self.accumulator[k] = self.accumulator[k] + weight * g[k]
+            self.group_calls += 1
+            self.group_weight += weight
+            if self.group_calls < self.n and not flush:
                 return
-            g = {k: (self.accumulator[k] + g[k]) / self.n for k in g}
+            total = self.group_weight
+            g = {k: v / (total or 1.0) for k, v in self.accumulator.items()}
             self.accumulator = {k: np.zeros_like(v) for k, v in g.items()}
+            self.group_calls, self.group_weight = 0, 0.0
+            if total == 0:  # a group without weight carries no gradient
+                return
         g = self._clip(g)
         t = self.updates + 1
         for k, w in self.params.items():

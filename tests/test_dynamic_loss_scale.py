@@ -42,6 +42,32 @@ def test_floor_and_no_growth_into_infinity():
     assert scales(tx, [1.0, 1.0]) == [big, big]
 
 
+def test_the_scale_never_exceeds_max_loss_scale():
+    """Growth every step, capped at 64 (reached and held); a back-off from the
+    cap halves it, and it grows back to the cap, not past it."""
+    tx = dynamic_loss_scale(
+        optax.sgd(1.0), initial_scale=8.0, growth_steps=1, max_loss_scale=64.0
+    )
+    got = scales(tx, [1.0] * 5 + [np.inf] + [1.0] * 3)
+    assert got == [16.0, 32.0, 64.0, 64.0, 64.0, 32.0, 64.0, 64.0, 64.0]
+    uncapped = dynamic_loss_scale(optax.sgd(1.0), initial_scale=8.0, growth_steps=1)
+    assert scales(uncapped, [1.0] * 5)[-1] == 256.0  # Keras' default: no cap
+    # A cap that is not a power of the factor is reached exactly.
+    odd = dynamic_loss_scale(
+        optax.sgd(1.0), initial_scale=8.0, growth_steps=1, max_loss_scale=100.0
+    )
+    assert max(scales(odd, [1.0] * 6)) == 100.0
+
+
+def test_counts_its_skips():
+    tx = dynamic_loss_scale(optax.sgd(1.0), initial_scale=8.0)
+    state = tx.init(jnp.zeros(1))
+    for g in (1.0, np.inf, 1.0, np.nan, np.nan):
+        _, state = tx.update(jnp.array([g]), state)
+    assert int(state.skipped_steps) == 3
+    assert state.skipped_steps.dtype == jnp.int32
+
+
 def test_inner_sees_unscaled_gradients():
     tx = dynamic_loss_scale(optax.sgd(1.0), initial_scale=4.0)
     updates, _ = tx.update(jnp.array([8.0]), tx.init(jnp.zeros(1)))
@@ -131,6 +157,8 @@ def test_matches_keras_loss_scale_optimizer():
         ({"factor": 1.0}, "`factor` must be > 1. Received: factor=1.0"),
         ({"min_loss_scale": -1.0}, "min_loss_scale=-1.0"),
         ({"initial_scale": 1.0, "min_loss_scale": 4.0}, "initial_scale=1.0"),
+        ({"max_loss_scale": 0.0}, "max_loss_scale=0.0"),
+        ({"initial_scale": 8.0, "max_loss_scale": 4.0}, "max_loss_scale=4.0"),
     ],
 )
 def test_bad_settings(settings, message):

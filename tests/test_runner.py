@@ -6,7 +6,8 @@ A training step that calls ``tx.update`` and ``optax.apply_updates`` under
 holds no copy of a leaf, and temporaries under the smallest leaf's bytes. Two
 exceptions may hold one gradient's bytes: loss scaling without accumulation (its
 division feeds several kernels on XLA:CPU) and a stateless optax block inside the
-composition.
+composition, and ``skip_nonfinite`` under loss scaling (the unscaled gradient,
+which its gate reads, is a buffer).
 """
 
 from __future__ import annotations
@@ -121,6 +122,32 @@ COMPOSITIONS = {
         lambda g: dynamic_loss_scale(blocks(), gating=g),
         GRADIENT_BYTES,
     ),
+    "adamax(skip_nonfinite)": (
+        lambda g: adamax(skip_nonfinite=True, gating=g),
+        0,
+    ),
+    "adamax(every option, skip_nonfinite)": (
+        lambda g: adamax(skip_nonfinite=True, **EVERY_OPTION, gating=g),
+        0,
+    ),
+    "adamax(every option, skip_nonfinite, skip_norm_above, dynamic_loss_scale)": (
+        lambda g: adamax(
+            skip_nonfinite=True,
+            skip_norm_above=1e3,
+            dynamic_loss_scale={"max_loss_scale": 2.0**20},
+            **EVERY_OPTION,
+            gating=g,
+        ),
+        GRADIENT_BYTES,
+    ),
+    "skip_nonfinite(accumulate(named_chain(blocks)))": (
+        lambda g: ao.skip_nonfinite(accumulate_gradients(blocks(), 4), gating=g),
+        0,
+    ),
+    "skip_nonfinite(named_chain(blocks))": (
+        lambda g: ao.skip_nonfinite(blocks(), gating=g),
+        0,
+    ),
 }
 
 # ``where`` advances the state on every call and selects; XLA:CPU keeps it in
@@ -155,6 +182,32 @@ def test_update_compiles_to_in_place_form(name, gating):
 def test_where_gating_in_place_for_adamax_alone(name):
     make, allowed = COMPOSITIONS[name]
     assert_in_place(compile_step(make("where")), allowed)
+
+
+@pytest.mark.parametrize("gating", [None, "loop", "cond"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: adamax(skip_nonfinite=True, **EVERY_OPTION, gating=g),
+        lambda g: accumulate_gradients(blocks(), 4, gating=g),
+    ],
+    ids=["adamax(every option, skip_nonfinite)", "accumulate(named_chain(blocks))"],
+)
+def test_weighted_flushed_step_compiles_to_in_place_form(make, gating):
+    """``weight`` and ``flush``, traced, add scalars to the step, no copy."""
+    tx = make(gating)
+
+    def step(params, state, grads, weight, flush):
+        updates, state = tx.update(grads, state, params, weight=weight, flush=flush)
+        return optax.apply_updates(params, updates), state
+
+    params = {k: jnp.ones(s) for k, s in SHAPES.items()}
+    compiled = (
+        jax.jit(step, donate_argnums=(0, 1))
+        .lower(params, tx.init(params), params, jnp.float32(2.0), jnp.bool_(False))
+        .compile()
+    )
+    assert_in_place(compiled)
 
 
 def test_flax_train_state_step_compiles_to_in_place_form():

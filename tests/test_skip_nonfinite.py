@@ -1,0 +1,234 @@
+"""Skipping bad steps: a NaN or an infinity changes nothing, and is counted.
+
+References: the same optimizer fed only the good steps, the NumPy reference with
+its skip rule, and closed forms.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import EVERY_OPTION, assert_parity, make_problem, run_ours
+from reference import ReferenceAdamax
+
+import adamax_optax as ao
+from adamax_optax import adamax, get_iterations, get_skipped_steps
+
+BAD_CALLS = (3, 9, 10, 17)  # chosen calls made non-finite
+
+
+def poisoned(grads, bad_calls=BAD_CALLS):
+    """``grads`` with a NaN, an infinity or a minus infinity at the bad calls."""
+    out = []
+    for i, g in enumerate(grads):
+        if i in bad_calls:
+            g = dict(g)
+            poison = (np.nan, np.inf, -np.inf)[i % 3]
+            g["dense/bias"] = g["dense/bias"].copy()
+            g["dense/bias"][i % 3] = poison
+        out.append(g)
+    return out
+
+
+def good_only(grads, bad_calls=BAD_CALLS):
+    return [g for i, g in enumerate(grads) if i not in bad_calls]
+
+
+OPTION_SETS = {
+    "defaults": {},
+    "every option": EVERY_OPTION,
+    "clip, decay, EMA, loss_scale_factor": dict(
+        weight_decay=0.01,
+        global_clipnorm=1.0,
+        use_ema=True,
+        ema_overwrite_frequency=3,
+        loss_scale_factor=4.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", OPTION_SETS)
+def test_bad_steps_leave_what_the_good_steps_alone_give(name):
+    options = OPTION_SETS[name]
+    params, grads = make_problem(steps=24)
+    schedule = optax.linear_schedule(0.01, 0.001, 24)
+    with jax.numpy_dtype_promotion("standard"):
+        want, want_state = run_ours(
+            adamax(schedule, **options), params, good_only(grads)
+        )
+        got, state = run_ours(
+            adamax(schedule, skip_nonfinite=True, **options), params, poisoned(grads)
+        )
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+    assert int(get_skipped_steps(state)) == len(BAD_CALLS)
+    assert int(get_iterations(state)) == int(get_iterations(want_state))
+    # Every shared piece of state (moments, counts, EMA, accumulator) agrees.
+    inner = state["skip_nonfinite"].inner_state
+    chex.assert_trees_all_close(
+        list(inner.values()), list(want_state.values())[-len(inner) :], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("name", OPTION_SETS)
+def test_skip_matches_the_numpy_reference(name):
+    options = OPTION_SETS[name]
+    params, grads = make_problem(steps=24)
+    grads = poisoned(grads)
+    got, state = run_ours(adamax(0.01, skip_nonfinite=True, **options), params, grads)
+    reference = ReferenceAdamax(params, 0.01, skip_nonfinite=True, **options)
+    for g in grads:
+        reference.step(g)
+    assert_parity(got, reference.params)
+    assert int(get_skipped_steps(state)) == reference.skipped == len(BAD_CALLS)
+
+
+@pytest.mark.parametrize("gating", ["loop", "cond", "where"])
+def test_a_skipped_call_changes_nothing(gating):
+    """Zero updates; every state leaf bit-identical but the counter, even in the
+    middle of an accumulation group."""
+    params, grads = make_problem(steps=6)
+    tx = adamax(skip_nonfinite=True, gating=gating, **EVERY_OPTION)
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for g in grads[:5]:  # one update and one micro-step into the next group
+        updates, state = update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    updates, after = update(poisoned(grads, (5,))[5], state, params)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+    before_inner = state["skip_nonfinite"].inner_state
+    chex.assert_trees_all_equal(after["skip_nonfinite"].inner_state, before_inner)
+    assert int(get_skipped_steps(after)) == 1
+
+
+def test_under_dynamic_loss_scaling_both_skips_are_counted():
+    """The loss scale skips a non-finite scaled gradient (and backs off); the
+    norm threshold skips a large finite one; the rest is the good steps."""
+    params, grads = make_problem(steps=16)
+    grads = poisoned(grads, (4, 11))
+    big = 7
+    grads[big] = {k: 100.0 * v for k, v in grads[big].items()}
+    threshold = 50.0
+    options = dict(gradient_accumulation_steps=2, weight_decay=0.01)
+
+    def run(tx, grads):
+        p = {k: jnp.asarray(v) for k, v in params.items()}
+        state = tx.init(p)
+        for g in grads:  # scaled gradients, as a user passes them
+            scale = ao.get_loss_scale(state)
+            scaled = {k: v * scale for k, v in g.items()}
+            updates, state = jax.jit(tx.update)(scaled, state, p)
+            p = optax.apply_updates(p, updates)
+        return p, state
+
+    got, state = run(
+        adamax(
+            skip_nonfinite=True,
+            skip_norm_above=threshold,
+            dynamic_loss_scale={"initial_scale": 2.0**8},
+            **options,
+        ),
+        grads,
+    )
+    want, _ = run(
+        adamax(dynamic_loss_scale={"initial_scale": 2.0**8}, **options),
+        good_only(grads, (4, 11, big)),
+    )
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+    assert int(get_skipped_steps(state)) == 3
+    assert int(state.inner_state["skip_nonfinite"].skipped_steps) == 1  # the norm
+    assert int(state.skipped_steps) == 2  # the loss scale's
+
+
+def test_large_finite_gradients_are_not_skipped():
+    """1e20 squares to infinity in float32: the finiteness check never squares,
+    so the step runs; Adamax's first step is then ``-lr * sign(g)``."""
+    tx = adamax(0.1, skip_nonfinite=True)
+    params = jnp.zeros(3)
+    grads = jnp.array([1e20, -3e25, 2e30])
+    updates, state = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates, [-0.1, 0.1, -0.1], rtol=1e-6)
+    assert int(get_skipped_steps(state)) == 0
+
+
+def test_norm_threshold_skips_only_above_it():
+    tx = adamax(0.1, skip_nonfinite=True, skip_norm_above=5.0)
+    params = jnp.zeros(2)
+    state = tx.init(params)
+    updates, state = tx.update(jnp.array([3.0, 4.0]), state, params)  # norm 5
+    np.testing.assert_allclose(updates, [-0.1, -0.1], rtol=1e-6)
+    updates, state = tx.update(jnp.array([3.0, 4.001]), state, params)
+    np.testing.assert_array_equal(updates, [0.0, 0.0])
+    assert int(get_skipped_steps(state)) == 1
+    assert int(get_iterations(state)) == 1
+
+
+def test_a_non_finite_weight_is_skipped_too():
+    tx = adamax(skip_nonfinite=True, gradient_accumulation_steps=2)
+    params = jnp.zeros(2)
+    state = tx.init(params)
+    # Traced (a concrete NaN is refused when the step is traced).
+    _, state = jax.jit(tx.update)(jnp.ones(2), state, params, weight=np.nan)
+    assert int(get_skipped_steps(state)) == 1
+    assert int(state["skip_nonfinite"].inner_state["accumulate"].mini_step) == 0
+
+
+def test_wrapper_protects_a_foreign_transformation():
+    """optax's momentum never sees the NaN: the result is the good steps'."""
+    with jax.numpy_dtype_promotion("standard"):
+        sgd = optax.sgd(0.1, momentum=0.9)
+        tx = ao.skip_nonfinite(sgd)
+        params = jnp.ones(2)
+        state, want_state = tx.init(params), sgd.init(params)
+        for g in ([1.0, 2.0], [np.nan, 1.0], [0.5, -1.0]):
+            updates, state = tx.update(jnp.array(g), state)
+            if np.all(np.isfinite(g)):
+                want, want_state = sgd.update(jnp.array(g), want_state)
+                np.testing.assert_allclose(updates, want)
+    assert int(state.skipped_steps) == 1
+
+
+def test_a_flush_on_a_skipped_call_is_dropped_with_it():
+    """The group stays open: the next good call ends it as the flush would."""
+    tx = adamax(1.0, skip_nonfinite=True, gradient_accumulation_steps=4)
+    params = jnp.zeros(1)
+    state = tx.init(params)
+    _, state = tx.update(jnp.array([2.0]), state, params)
+    updates, state = tx.update(jnp.array([np.nan]), state, params, flush=True)
+    np.testing.assert_array_equal(updates, [0.0])
+    accumulate = state["skip_nonfinite"].inner_state["accumulate"]
+    assert int(accumulate.mini_step) == 1
+    updates, state = tx.update(jnp.array([4.0]), state, params, flush=True)
+    # Adamax's first step on the mean 3: -lr * sign.
+    np.testing.assert_allclose(updates, [-1.0], rtol=1e-6)
+
+
+def test_get_skipped_steps_needs_a_counter():
+    with pytest.raises(ValueError, match="skip_nonfinite=True"):
+        get_skipped_steps(adamax().init(jnp.zeros(1)))
+
+
+def test_counters_keep_their_dtypes_with_low_precision_parameters():
+    tx = adamax(skip_nonfinite=True, dynamic_loss_scale=True)
+    state = tx.init({"w": jnp.zeros(3, jnp.bfloat16)})
+    assert state.loss_scale.dtype == jnp.float32
+    assert state.good_steps.dtype == state.skipped_steps.dtype == jnp.int32
+    assert state.inner_state["skip_nonfinite"].skipped_steps.dtype == jnp.int32
+    _, state = tx.update({"w": jnp.full(3, jnp.inf, jnp.bfloat16)}, state)
+    assert state.loss_scale.dtype == jnp.float32
+    assert int(get_skipped_steps(state)) == 1
+
+
+def test_invalid_skip_options_are_named():
+    with pytest.raises(ValueError, match="skip_norm_above=0"):
+        adamax(skip_nonfinite=True, skip_norm_above=0)
+    with pytest.raises(ValueError, match="skip_norm_above=-1"):
+        ao.skip_nonfinite(optax.sgd(0.1), skip_norm_above=-1)
+    with pytest.raises(TypeError, match="skip_nonfinite"):
+        adamax(skip_nonfinite="yes")
+    with pytest.warns(UserWarning, match="skip_norm_above=3.0.*no effect"):
+        adamax(skip_norm_above=3.0)
