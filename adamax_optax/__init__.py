@@ -39,6 +39,7 @@ from adamax_optax._learning_rate import (
 )
 from adamax_optax._loss_scale import StaticLossScaleState as StaticLossScaleState
 from adamax_optax._loss_scale import unscale_gradients as unscale_gradients
+from adamax_optax._migration import migrate_state as migrate_state
 from adamax_optax._runner import block as block
 from adamax_optax._runner import chain as chain
 from adamax_optax._runner import named_chain as named_chain
@@ -82,6 +83,7 @@ __all__ = [
     "keras_clipnorm",
     "keras_clipvalue",
     "keras_global_clipnorm",
+    "migrate_state",
     "named_chain",
     "parameter_ema",
     "scale_by_keras_adamax",

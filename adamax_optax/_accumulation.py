@@ -62,7 +62,8 @@ def group_step(
     """Where a call with ``weight`` (and ``flush``) falls in the current group."""
     first = state.mini_step == 0
     weight_sum = jnp.where(first, weight, state.weight_sum + weight)
-    return GroupStep(first, (state.mini_step == steps - 1) | flush, weight_sum)
+    # ``>=``: a group migrated from a larger N ends on its next call.
+    return GroupStep(first, (state.mini_step >= steps - 1) | flush, weight_sum)
 
 
 def add_to_group(
