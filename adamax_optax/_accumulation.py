@@ -167,6 +167,31 @@ def accumulate_gradients(
     same numbers, but its updates are recomputed from its old state after the
     gate, which keeps a copy of that state on an update step.
 
+    **Weighted and partial groups.** ``update(grads, state, params, weight=w,
+    flush=f)`` takes two optional arguments, traced or not:
+
+    * ``weight``, a scalar >= 0 (the micro-batch's token or example count, for
+      instance): the group's gradient is ``sum(w_i * g_i) / sum(w_i)``, where
+      each ``g_i`` is the gradient of the micro-batch's *mean* loss, so that the
+      group's gradient is the gradient of the mean loss over all its tokens.
+      Without ``weight`` every call weighs 1: Keras' mean, exactly. A group
+      whose weights sum to 0 carries no gradient: its last call applies no
+      update (zero updates, nothing in ``inner`` moves) and the next call
+      starts a new group.
+    * ``flush``, a bool: this call ends the group (the last, partial group of
+      an epoch). The update uses what the group holds, this call included, and
+      the next call starts a new group of up to ``N``.
+
+    Schedules still count updates: update ``k`` evaluates them at ``k * N + N -
+    1`` whatever the groups' sizes. Both arguments pass through ``optax.chain``,
+    :func:`adamax_optax.chain`, ``optax.inject_hyperparams`` (whose own count
+    of an injected schedule moves on every call, micro-steps included) and
+    ``nnx.Optimizer.update``; Flax's ``TrainState.apply_gradients`` forwards no
+    extra arguments, so call ``tx.update(grads, state.opt_state, state.params,
+    weight=w)`` and ``state.replace(...)`` the fields yourself. Under
+    :func:`adamax_optax.skip_nonfinite`, a skipped call's ``flush`` is dropped
+    with it (the group stays open).
+
     A schedule of :func:`scale_by_keras_learning_rate` inside ``inner`` is
     evaluated at Keras' micro-step index, ``k * N + N - 1`` for update ``k``,
     as in :func:`adamax`: the block reads ``N`` from this wrapper while the
@@ -174,7 +199,7 @@ def accumulate_gradients(
     count updates, as in ``optax.MultiSteps``.
 
     Args:
-      inner: the transformation to apply once per group.
+      inner: the transformation to apply once per group (or at a flush).
       gradient_accumulation_steps: ``N``, an integer >= 2.
       state_dtype: dtype of the accumulator; ``None`` keeps each parameter's dtype.
       gating: how the gate is compiled: ``"loop"``, ``"cond"``, ``"where"``
@@ -194,6 +219,15 @@ def accumulate_gradients(
       >>> second, state = tx.update(jnp.array([3.0]), state)
       >>> first, second
       (Array([0.], dtype=float32), Array([-2.], dtype=float32))
+
+      Weighted by token counts, the last group of an epoch flushed early:
+
+      >>> tx = accumulate_gradients(optax.sgd(1.0), 4)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> _, state = tx.update(jnp.array([1.0]), state, weight=300)
+      >>> updates, state = tx.update(jnp.array([5.0]), state, weight=100, flush=True)
+      >>> updates  # -(300 * 1 + 100 * 5) / 400
+      Array([-2.], dtype=float32)
     """
     check_gradient_accumulation_steps(gradient_accumulation_steps)
     _validation.check_state_dtype(state_dtype)

@@ -339,22 +339,7 @@ def require_params(
         check_tree_match(params, reference, "params", against, transform_name)
 
 
-def all_finite(tree: Any) -> jax.Array:
-    """``True`` when every element of every leaf is finite.
-
-    Sums ``x - x`` per leaf, which is 0 for finite elements and NaN for an
-    infinite or NaN one: a reduction that reads each leaf once, where
-    ``all(isfinite(x))`` materialises a boolean array first. It never squares
-    (a global norm's ``g ** 2`` overflows float32 above about 1.8e19, which
-    would call large finite gradients non-finite).
-    """
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.asarray(True)
-    sums = [jnp.sum(_nan_if_not_finite(jnp.asarray(x))) for x in leaves]
-    return jnp.all(jnp.stack([jnp.isfinite(s) for s in sums]))
-
-
-def _nan_if_not_finite(x: jax.Array) -> jax.Array:
-    x = x.astype(compute_dtype(x.dtype))
-    return x - x
+def in_compute_dtype(x: ArrayLike) -> jax.Array:
+    """``x`` as an array in its compute dtype."""
+    x = jnp.asarray(x)
+    return x.astype(compute_dtype(x.dtype))

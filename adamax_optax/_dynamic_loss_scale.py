@@ -168,7 +168,7 @@ def dynamic_loss_scale(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, DynamicLossScaleState]:
-        finite = _common.all_finite(updates)
+        finite = _runner.all_finite(updates, gating)
 
         def advance_inner(inner_state: Any, operands: Any) -> Any:
             grads, current = operands
@@ -200,6 +200,7 @@ def dynamic_loss_scale(
             params,
             **extra_args,
         )
-        return _runner.select(_common.all_finite(updates), emitted)
+        finite = new_state.skipped_steps == state.skipped_steps
+        return _runner.select(finite, emitted)
 
     return _runner.Composite(init_fn, update_fn, emit_fn, (inner,), gating)

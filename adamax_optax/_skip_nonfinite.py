@@ -31,14 +31,15 @@ def is_good_step(
     updates: optax.Updates,
     skip_norm_above: ArrayLike | None,
     extra_args: dict[str, Any],
+    gating: _runner.Gating | None,
 ) -> jax.Array:
     """``True`` when the call may run: every gradient element and the
     accumulation ``weight`` (if given) finite, and the global norm at most
     ``skip_norm_above`` (if set)."""
-    good = _common.all_finite(updates)
+    good = _runner.all_finite(updates, gating)
     weight = extra_args.get("weight")
     if weight is not None:
-        good = good & _common.all_finite(jnp.asarray(weight, jnp.float32))
+        good = good & jnp.isfinite(jnp.asarray(weight, jnp.float32))
     if skip_norm_above is not None:
         norm = global_norm(updates)
         good = good & (norm <= _common.as_compute_scalar(skip_norm_above, norm.dtype))
@@ -117,7 +118,7 @@ def skip_nonfinite(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, SkipNonfiniteState]:
-        good = is_good_step(updates, skip_norm_above, extra_args)
+        good = is_good_step(updates, skip_norm_above, extra_args, gating)
 
         def advance_inner(inner_state: Any, operands: Any) -> Any:
             grads, current = operands

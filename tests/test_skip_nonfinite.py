@@ -155,6 +155,20 @@ def test_large_finite_gradients_are_not_skipped():
     assert int(get_skipped_steps(state)) == 0
 
 
+@pytest.mark.parametrize("gating", ["loop", "cond", "where"])
+def test_a_sum_that_overflows_is_still_finite(gating):
+    """3e38 + 3e38 overflows float32: the fast check's sum is infinite, and
+    the exact check behind it finds every element finite."""
+    tx = adamax(0.1, skip_nonfinite=True, gating=gating)
+    params = jnp.zeros(3)
+    grads = jnp.array([3e38, 3e38, -1.0])
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates, [-0.1, -0.1, 0.1], rtol=1e-6)
+    assert int(get_skipped_steps(state)) == 0
+    _, state = jax.jit(tx.update)(grads.at[2].set(np.nan), state, params)
+    assert int(get_skipped_steps(state)) == 1
+
+
 def test_norm_threshold_skips_only_above_it():
     tx = adamax(0.1, skip_nonfinite=True, skip_norm_above=5.0)
     params = jnp.zeros(2)
