@@ -237,11 +237,13 @@ def accumulate_gradients(
 
     def init_fn(params: optax.Params) -> AccumulateGradientsState:
         _common.check_float_params(params, "accumulate_gradients")
+        with accumulating(steps):  # a schedule's first step is N - 1
+            inner_state = inner.init(params)
         return AccumulateGradientsState(
             mini_step=jnp.zeros([], jnp.int32),
             weight_sum=jnp.zeros([], jnp.float32),
             accumulator=_common.zeros_like_in(params, state_dtype),
-            inner_state=inner.init(params),
+            inner_state=inner_state,
         )
 
     def update_fn(

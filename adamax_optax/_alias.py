@@ -35,6 +35,7 @@ from adamax_optax._learning_rate import (
     scale_by_keras_learning_rate,
 )
 from adamax_optax._loss_scale import unscale_gradients
+from adamax_optax._migration import check_state_matches
 from adamax_optax._skip_nonfinite import skip_nonfinite as wrap_skip_nonfinite
 from adamax_optax._weight_decay import ExcludeFromWeightDecay, decoupled_weight_decay
 
@@ -72,6 +73,7 @@ def adamax(
     state_dtype: DTypeLike | None = None,
     dynamic_loss_scale: bool | Mapping[str, Any] = False,
     ema_warmup: bool = False,
+    exclude_from_ema: ExcludeFromWeightDecay = None,
     skip_nonfinite: bool = False,
     skip_norm_above: ArrayLike | None = None,
     gating: _runner.Gating | None = None,
@@ -154,6 +156,10 @@ def adamax(
         dynamic loss scaling, Keras' ``LossScaleOptimizer``: multiply the loss by
         :func:`get_loss_scale` and pass the scaled gradients. Exclusive with
         ``loss_scale_factor``.
+      exclude_from_ema: beyond Keras: leaves to keep no moving average of
+        (no memory), in the forms of ``exclude_from_weight_decay``; they are
+        never overwritten and :func:`finalize_variable_values` returns them
+        as they are.
       skip_nonfinite: beyond Keras, off by default: skip a call whose
         gradient (after ``loss_scale_factor``) holds a NaN or an infinity;
         :func:`get_skipped_steps` counts the skipped calls.
@@ -213,6 +219,11 @@ def adamax(
         f"`ema_momentum={ema_momentum}` has no effect without `use_ema=True`.",
     )
     _validation.check_bool("ema_warmup", ema_warmup)
+    _warn_without_effect(
+        exclude_from_ema not in (None, [], ()) and not use_ema,
+        f"`exclude_from_ema={exclude_from_ema!r}` has no effect without "
+        "`use_ema=True`.",
+    )
     _validation.check_bool("skip_nonfinite", skip_nonfinite)
     if skip_norm_above is not None:
         _validation.check_positive("skip_norm_above", skip_norm_above)
@@ -273,6 +284,7 @@ def adamax(
                     ema_overwrite_frequency,
                     ema_warmup=ema_warmup,
                     state_dtype=state_dtype,
+                    exclude_from_ema=exclude_from_ema,
                 ),
             )
         )
@@ -331,6 +343,7 @@ def _cast_on_entry(
             _refuse_group_arguments(extra_args)
         updates = _common.cast_to_params(updates, params)
         params = _common.as_arrays(params)
+        check_state_matches(optimizer, state, updates if params is None else params)
         return optimizer.update(updates, state, params, **extra_args)
 
     def emit_updates(updates, state, new_state, params=None, **extra_args):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import jax
@@ -12,6 +13,11 @@ from jax.typing import ArrayLike, DTypeLike
 
 from adamax_optax import _common, _validation
 from adamax_optax._runner import Block
+from adamax_optax._weight_decay import (
+    ExcludeFromWeightDecay,
+    exclusion_mask,
+    warn_unmatched_patterns,
+)
 
 
 class ParameterEMAState(NamedTuple):
@@ -20,7 +26,8 @@ class ParameterEMAState(NamedTuple):
     Attributes:
       count: number of updates seen (int32).
       ema: the moving average of the parameters, in the state dtype. Before the
-        first update it holds the initial parameters.
+        first update it holds the initial parameters. A leaf excluded by
+        ``exclude_from_ema`` holds an ``optax.MaskedNode()``: no array.
     """
 
     count: jax.Array
@@ -36,6 +43,10 @@ def check_ema_overwrite_frequency(value: Any) -> None:
             1,
             "`ema_overwrite_frequency` must be an integer >= 1 or None.",
         )
+
+
+def is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
 def _initial_average(param: Any, state_dtype: DTypeLike | None) -> jax.Array:
@@ -55,6 +66,7 @@ def parameter_ema(
     *,
     ema_warmup: bool = False,
     state_dtype: DTypeLike | None = None,
+    exclude_from_ema: ExcludeFromWeightDecay = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Tracks a moving average of the parameters; can overwrite them with it.
 
@@ -79,6 +91,14 @@ def parameter_ema(
     with :func:`finalize_variable_values` (Keras'
     ``optimizer.finalize_variable_values``).
 
+    ``exclude_from_ema`` (beyond Keras) leaves some parameters out, in the
+    forms of ``exclude_from_weight_decay``: regular expressions searched in
+    ``"/"``-joined key paths, a pytree of bools (``True`` = excluded) or a
+    callable returning one. An excluded leaf keeps no average in the state
+    (an ``optax.MaskedNode``, no memory), is never overwritten, and
+    :func:`finalize_variable_values` returns it as it is: large embeddings or
+    frozen towers need no average.
+
     Args:
       ema_momentum: weight of the old average, in [0, 1].
       ema_overwrite_frequency: overwrite the parameters with the average every
@@ -86,6 +106,7 @@ def parameter_ema(
       ema_warmup: cap the momentum at ``(1 + c) / (10 + c)`` after ``c``
         updates (TensorFlow's ``ExponentialMovingAverage(num_updates=...)``).
       state_dtype: dtype of the average; ``None`` keeps each parameter's dtype.
+      exclude_from_ema: leaves to keep no average of, or ``None``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` that needs ``params``, and
@@ -108,8 +129,17 @@ def parameter_ema(
     check_ema_overwrite_frequency(ema_overwrite_frequency)
     _validation.check_state_dtype(state_dtype)
 
+    excluded = exclusion_mask(exclude_from_ema, "exclude_from_ema")
+
     def init_fn(params: optax.Params) -> ParameterEMAState:
-        ema = jax.tree.map(lambda p: _initial_average(p, state_dtype), params)
+        warn_unmatched_patterns(exclude_from_ema, params, "exclude_from_ema")
+        ema = jax.tree.map(
+            lambda out, p: (
+                optax.MaskedNode() if out else _initial_average(p, state_dtype)
+            ),
+            excluded(params),
+            params,
+        )
         return ParameterEMAState(count=jnp.zeros([], jnp.int32), ema=ema)
 
     def advance(
@@ -117,7 +147,7 @@ def parameter_ema(
         state: ParameterEMAState,
         params: optax.Params | None = None,
     ) -> ParameterEMAState:
-        _common.require_params(params, "parameter_ema", state.ema)
+        _common.require_params(params, "parameter_ema", updates, "gradients")
         first = state.count == 0
 
         @_common.per_dtype
@@ -130,7 +160,9 @@ def parameter_ema(
                 momentum = jnp.minimum(momentum, (1 + c) / (10 + c))
             return jnp.where(first, jnp.zeros([], dtype), momentum)
 
-        def average(e: jax.Array, w: jax.Array, u: jax.Array) -> jax.Array:
+        def average(e: Any, w: jax.Array, u: jax.Array) -> Any:
+            if is_masked(e):
+                return e
             # The parameters the caller's ``optax.apply_updates`` will produce
             # from the updates this optimizer emits (in the parameter's dtype).
             new_w = _common.by_parts(lambda w, u: w + u, w, u.astype(w.dtype))
@@ -146,7 +178,7 @@ def parameter_ema(
 
         return ParameterEMAState(
             count=optax.safe_increment(state.count),
-            ema=jax.tree.map(average, state.ema, params, updates),
+            ema=jax.tree.map(average, state.ema, params, updates, is_leaf=is_masked),
         )
 
     def emit(
@@ -156,16 +188,20 @@ def parameter_ema(
     ) -> optax.Updates:
         if ema_overwrite_frequency is None:
             return updates
-        _common.require_params(params, "parameter_ema", new_state.ema)
+        _common.require_params(params, "parameter_ema", updates, "gradients")
         overwrite = new_state.count % ema_overwrite_frequency == 0
 
-        def overwritten(u: jax.Array, e: jax.Array, w: jax.Array) -> jax.Array:
+        def overwritten(e: Any, u: jax.Array, w: jax.Array) -> jax.Array:
+            if is_masked(e):
+                return u
             e = _common.sharded_like(e, w)
             dtype = _common.compute_dtype(e.dtype, w.dtype)
             jump = (e.astype(dtype) - w.astype(dtype)).astype(u.dtype)
             return jnp.where(overwrite, jump, u)
 
-        return jax.tree.map(overwritten, updates, new_state.ema, params)
+        return jax.tree.map(
+            overwritten, new_state.ema, updates, params, is_leaf=is_masked
+        )
 
     return Block.from_phases(init_fn, advance, emit)
 
@@ -212,9 +248,16 @@ def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) ->
             f"The optimizer state holds {len(found)} parameter EMAs; "
             "`finalize_variable_values` needs exactly one."
         )
+    ema = found[0].ema
+    # An excluded leaf's value is the parameter itself. Unlike the parameters,
+    # the map fails and ``check_tree_match`` says where.
+    with contextlib.suppress(ValueError, TypeError):
+        ema = jax.tree.map(
+            lambda e, p: p if is_masked(e) else e, ema, params, is_leaf=is_masked
+        )
     try:
         _common.check_tree_match(
-            params, found[0].ema, "params", "EMA", "finalize_variable_values"
+            params, ema, "params", "EMA", "finalize_variable_values"
         )
     except ValueError as error:
         if "flax" in type(params).__module__:  # an NNX state, filtered or not
@@ -224,4 +267,4 @@ def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) ->
                 "`nnx.state(model, nnx.Param)`."
             ) from None
         raise
-    return _common.cast_like(found[0].ema, params)
+    return _common.cast_like(ema, params)

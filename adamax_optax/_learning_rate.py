@@ -39,11 +39,17 @@ class ScaleByKerasLearningRateState(NamedTuple):
 
     Attributes:
       count: number of updates applied so far (int32).
+      schedule_step: the step at which the *next* update evaluates a schedule
+        (int32): Keras' micro-step index ``k * N + N - 1`` for update ``k`` with
+        ``N`` accumulation steps. Each update adds ``N``, so a state migrated
+        to another ``N`` (:func:`adamax_optax.migrate_state`) continues its
+        schedule without a jump.
       learning_rate: the rate the *next* update will use (float32), kept so that
         it can be read from the state alone.
     """
 
     count: jax.Array
+    schedule_step: jax.Array
     learning_rate: jax.Array
 
 
@@ -66,30 +72,24 @@ def check_learning_rate(learning_rate: Any) -> None:
     _validation.check_non_negative("learning_rate", learning_rate)
 
 
-def as_update_schedule(
-    learning_rate: LearningRate, steps_per_update: int | jax.Array = 1
-) -> Callable[..., jax.Array]:
-    """Normalises ``learning_rate`` into ``(count, dtype=float32) -> rate``.
+def as_step_schedule(learning_rate: LearningRate) -> Callable[..., jax.Array]:
+    """Normalises ``learning_rate`` into ``(step, dtype=float32) -> rate``.
 
-    ``count`` is the 0-based update count; ``dtype`` the dtype of the rate (a
-    constant rate is exact in float64 for float64 parameters).
-
-    A schedule is evaluated where Keras evaluates it: at its micro-step counter,
-    which for update ``k`` with ``N`` accumulation steps is ``k * N + N - 1``.
-    A zero-argument callable is called on every update (under ``jit``: once,
-    when the step is traced).
+    ``step`` is the schedule's step (Keras' micro-step index of the update);
+    ``dtype`` the dtype of the rate (a constant rate is exact in float64 for
+    float64 parameters). A zero-argument callable is called on every update
+    (under ``jit``: once, when the step is traced).
     """
     if not callable(learning_rate):
-        return lambda count, dtype=_common.COMPUTE_DTYPE: jnp.asarray(
+        return lambda step, dtype=_common.COMPUTE_DTYPE: jnp.asarray(
             _common.as_compute_scalar(learning_rate, dtype), dtype
         )
     if _takes_no_arguments(learning_rate):
-        return lambda count, dtype=_common.COMPUTE_DTYPE: jnp.asarray(
+        return lambda step, dtype=_common.COMPUTE_DTYPE: jnp.asarray(
             learning_rate(), dtype
         )
 
-    def schedule(count: jax.Array, dtype: Any = _common.COMPUTE_DTYPE) -> jax.Array:
-        step = count * steps_per_update + (steps_per_update - 1)
+    def schedule(step: jax.Array, dtype: Any = _common.COMPUTE_DTYPE) -> jax.Array:
         # Schedules from optax and Keras mix Python floats with the int32 step;
         # they are not written for strict promotion, so they run under the
         # standard rules and their result is cast explicitly.
@@ -150,27 +150,30 @@ def scale_by_keras_learning_rate(
             "steps_per_update", steps_per_update, 1, "`steps_per_update` must be >= 1."
         )
 
-    def schedule_for(gradient_accumulation_steps: int | None) -> Any:
-        steps = steps_per_update
-        if gradient_accumulation_steps is not None:
+    schedule = as_step_schedule(learning_rate)
+
+    def steps_per_update_here() -> int:
+        """``N``: the argument, else the enclosing accumulation's, else 1."""
+        enclosing = _ENCLOSING_STEPS.get()
+        if enclosing is not None:
             # One accumulation inside another: the innermost counts.
-            if steps not in (None, gradient_accumulation_steps):
+            if steps_per_update not in (None, enclosing):
                 raise ValueError(
-                    f"`scale_by_keras_learning_rate(steps_per_update={steps})` is "
-                    "inside `accumulate_gradients` with "
-                    f"{gradient_accumulation_steps} steps: leave `steps_per_update` "
-                    "unset there, or make the two agree."
+                    f"`scale_by_keras_learning_rate(steps_per_update="
+                    f"{steps_per_update})` is inside `accumulate_gradients` with "
+                    f"{enclosing} steps: leave `steps_per_update` unset there, or "
+                    "make the two agree."
                 )
-            steps = gradient_accumulation_steps
-        return as_update_schedule(learning_rate, 1 if steps is None else steps)
+            return enclosing
+        return 1 if steps_per_update is None else steps_per_update
 
     def init_fn(params: optax.Params) -> ScaleByKerasLearningRateState:
         del params
-        count = jnp.zeros([], jnp.int32)
+        step = jnp.asarray(steps_per_update_here() - 1, jnp.int32)
         # A copy: a constant rate passed in by ``optax.inject_hyperparams`` must
         # not be the same buffer as its hyperparameter (donation would fail).
         return ScaleByKerasLearningRateState(
-            count, jnp.array(schedule_for(None)(count))
+            jnp.zeros([], jnp.int32), step, jnp.array(schedule(step))
         )
 
     def update_fn(
@@ -180,16 +183,20 @@ def scale_by_keras_learning_rate(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByKerasLearningRateState]:
         del params, extra_args
-        schedule = schedule_for(_ENCLOSING_STEPS.get())
-        negative_rate = _common.per_dtype(lambda dtype: -schedule(state.count, dtype))
+        steps = steps_per_update_here()
+        negative_rate = _common.per_dtype(
+            lambda dtype: -schedule(state.schedule_step, dtype)
+        )
 
         def scale(u: jax.Array) -> jax.Array:
             dtype = _common.compute_dtype(u.dtype)
             rate = negative_rate(_common.real_dtype(dtype))
             return _common.by_parts(lambda u: rate * u, u.astype(dtype)).astype(u.dtype)
 
-        count = optax.safe_increment(state.count)
-        new_state = ScaleByKerasLearningRateState(count, schedule(count))
+        step = (state.schedule_step + steps).astype(jnp.int32)
+        new_state = ScaleByKerasLearningRateState(
+            optax.safe_increment(state.count), step, schedule(step)
+        )
         return jax.tree.map(scale, updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

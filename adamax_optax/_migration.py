@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -11,17 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adamax_optax import _common
 from adamax_optax._accumulation import AccumulateGradientsState
 from adamax_optax._adamax import ScaleByKerasAdamaxState
 from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
-from adamax_optax._ema import ParameterEMAState
+from adamax_optax._ema import ParameterEMAState, is_masked
 from adamax_optax._learning_rate import ScaleByKerasLearningRateState
 from adamax_optax._loss_scale import StaticLossScaleState
 from adamax_optax._skip_nonfinite import SkipNonfiniteState
 
 ROLES: dict[str, tuple[type, frozenset[str]]] = {
     "adamax": (ScaleByKerasAdamaxState, frozenset()),
-    "learning_rate": (ScaleByKerasLearningRateState, frozenset()),
+    "learning_rate": (ScaleByKerasLearningRateState, frozenset({"schedule_step"})),
     "ema": (ParameterEMAState, frozenset()),
     "accumulate": (AccumulateGradientsState, frozenset({"weight_sum"})),
     "dynamic_loss_scale": (DynamicLossScaleState, frozenset({"skipped_steps"})),
@@ -79,21 +81,42 @@ def _collect(node: Any, found: dict[str, list[dict[str, Any]]]) -> None:
             _collect(value, found)
 
 
+def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``(key path, leaf)`` pairs, an excluded EMA leaf (``MaskedNode``) as a
+    leaf of its own."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
+    return [(_common.key_path_name(path), leaf) for path, leaf in flat]
+
+
 def _carry(old: Any, fresh: Any, where: str) -> Any:
-    """``old``'s values in ``fresh``'s structure and dtypes."""
-    old_leaves = jax.tree.leaves(old)
-    fresh_leaves, treedef = jax.tree.flatten(fresh)
-    if len(old_leaves) != len(fresh_leaves):
-        raise ValueError(
-            f"`migrate_state`: {where} has {len(old_leaves)} leaves in the old "
-            f"state and {len(fresh_leaves)} in the new one: were both made for "
-            "the same parameters?"
-        )
+    """``old``'s values in ``fresh``'s structure and dtypes, leaf by leaf.
+
+    Leaves are matched by key path where both trees name them alike (a
+    NamedTuple state and the dicts orbax restores do), else by position. A
+    leaf one side excludes (an EMA's ``MaskedNode``) is the other side's
+    fresh value or stays excluded.
+    """
+    old_named = _named_leaves(old)
+    fresh_named, treedef = jax.tree_util.tree_flatten(fresh, is_leaf=is_masked)
+    fresh_names = [name for name, _ in _named_leaves(fresh)]
+    by_name = dict(old_named)
+    if set(by_name) != set(fresh_names):
+        if len(old_named) != len(fresh_names):
+            raise ValueError(
+                f"`migrate_state`: {where} has {len(old_named)} leaves in the old "
+                f"state and {len(fresh_names)} in the new one: were both made for "
+                "the same parameters?"
+            )
+        by_name = dict(zip(fresh_names, (leaf for _, leaf in old_named), strict=True))
     carried = []
-    for index, (o, f) in enumerate(zip(old_leaves, fresh_leaves, strict=True)):
+    for name, f in zip(fresh_names, fresh_named, strict=True):
+        o = by_name.get(name)
+        if is_masked(f) or o is None or is_masked(o):
+            carried.append(f)  # excluded now, or new: as `init` made it
+            continue
         if np.shape(o) != np.shape(f):
             raise ValueError(
-                f"`migrate_state`: leaf {index} of {where} has shape "
+                f"`migrate_state`: leaf {name!r} of {where} has shape "
                 f"{np.shape(o)} in the old state and {np.shape(f)} in the new one."
             )
         value = jnp.asarray(o)
@@ -101,7 +124,7 @@ def _carry(old: Any, fresh: Any, where: str) -> Any:
             f.dtype, jnp.complexfloating
         ):
             raise ValueError(
-                f"`migrate_state`: leaf {index} of {where} is complex in the old "
+                f"`migrate_state`: leaf {name!r} of {where} is complex in the old "
                 "state and real in the new one."
             )
         carried.append(value.astype(f.dtype))
@@ -113,6 +136,10 @@ def _default(role: str, field: str, old: dict[str, Any], fresh: Any) -> Any:
     1, so its weight is its micro-step count; anything else starts fresh."""
     if role == "accumulate" and field == "weight_sum" and "mini_step" in old:
         return jnp.asarray(old["mini_step"]).astype(jnp.asarray(fresh).dtype)
+    if role == "learning_rate" and field == "schedule_step" and "count" in old:
+        # A 0.1 schedule was at k * N + N - 1; a fresh state is at N - 1.
+        count = jnp.asarray(old["count"]).astype(jnp.int32)
+        return count * (fresh + 1) + fresh
     return fresh
 
 
@@ -169,14 +196,15 @@ def migrate_state(
     An accumulation group in progress carries over: with a smaller
     ``gradient_accumulation_steps`` that it already fills, the next call ends
     it (its mean is its weighted sum over its weight, whatever its length).
-    The learning rate's count is the number of updates, so a schedule under a
-    changed ``gradient_accumulation_steps`` is evaluated at ``k * N + N - 1``
-    with the new ``N``.
+    A schedule continues from the step it had reached (no jump in the learning
+    rate) and then advances by the new ``N`` per update; the bias correction
+    keeps its update count.
 
     ``old_state`` may be any pytree holding these components: a state of this
-    version, a state saved by 0.1 (whose accumulation and dynamic loss scale
-    states lack the weight sum and the skip counter: the weight sum becomes the
-    group's micro-step count, the counter 0), or the plain dicts that
+    version, a state saved by 0.1 (whose accumulation, dynamic loss scale and
+    learning-rate states lack the weight sum, the skip counter and the schedule
+    step: the weight sum becomes the group's micro-step count, the counter 0,
+    the schedule step ``k * N + N - 1``), or the plain dicts that
     ``orbax`` restores without a target.
 
     Args:
@@ -216,3 +244,52 @@ def migrate_state(
             stacklevel=2,
         )
     return new_state
+
+
+def _components(tree: Any) -> set[str]:
+    """What a state is made of: its roles and the names of its chains'
+    members (``named_chain`` states are ``OrderedDict``s; the parameters'
+    own trees inside a role are not looked into)."""
+    found: set[str] = set()
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        role = _role_of(node)
+        if role is not None:
+            found.add(role)
+            if INNER in (_fields_of(node) or ()):
+                pending.append(_field(node, INNER))
+        elif isinstance(node, collections.OrderedDict):
+            found |= {str(key) for key in node}
+            pending.extend(node.values())
+        elif isinstance(node, list | tuple):
+            pending.extend(node)
+    return found
+
+
+def check_state_matches(
+    optimizer: optax.GradientTransformation, state: Any, like_params: Any
+) -> None:
+    """A clear error when ``state`` was not made by ``optimizer.init`` for
+    parameters like ``like_params``: which components differ, and the way out.
+    Structure only, at trace time."""
+    state = _common.unwrap_variables(state)
+    try:
+        with warnings.catch_warnings():  # `init`'s warnings were given at `init`
+            warnings.simplefilter("ignore")
+            expected = jax.eval_shape(optimizer.init, like_params)
+    except (TypeError, ValueError):
+        return  # unlike any parameters: the blocks' own checks say how
+    if jax.tree.structure(state) == jax.tree.structure(expected):
+        return
+    have, want = _components(state), _components(expected)
+    if have == want:  # the parameters differ: the blocks name the leaf
+        return
+    missing, extra = sorted(want - have), sorted(have - want)
+    raise ValueError(
+        "The optimizer state was built for another configuration of `adamax`: "
+        f"it lacks {missing or 'nothing'} and holds {extra or 'nothing'} beyond "
+        "this optimizer's components. Convert it with "
+        "`adamax_optax.migrate_state(tx, old_state, params)`, or build the "
+        "optimizer it was made for."
+    )

@@ -31,8 +31,10 @@ def _pattern_mask(patterns: Sequence[str]) -> Callable[[Any], Any]:
 
 def exclusion_mask(
     exclude_from_weight_decay: ExcludeFromWeightDecay,
+    name: str = "exclude_from_weight_decay",
 ) -> Callable[[Any], Any]:
-    """Turns any accepted form of exclusion into ``params -> tree of bools``.
+    """Turns any accepted form of exclusion into ``params -> tree of bools``;
+    ``name`` is the argument's name in the errors.
 
     Raises:
       TypeError: for a pattern list holding something other than strings.
@@ -53,26 +55,28 @@ def exclusion_mask(
                 re.compile(pattern)
             except re.error as error:
                 raise ValueError(
-                    "`exclude_from_weight_decay` holds an invalid regular "
+                    f"`{name}` holds an invalid regular "
                     f"expression. Received: {pattern!r} ({error})"
                 ) from None
         return _pattern_mask(sorted(exclude))
     leaves = jax.tree.leaves(exclude)
     if isinstance(exclude, list | tuple) and any(isinstance(p, str) for p in leaves):
         raise TypeError(
-            "`exclude_from_weight_decay` must be a sequence of strings, a pytree "
+            f"`{name}` must be a sequence of strings, a pytree "
             f"of bools or a callable. Received: {exclude!r}"
         )
     if not all(isinstance(leaf, bool) for leaf in leaves):
         raise TypeError(
-            "A mask given as `exclude_from_weight_decay` must hold Python bools "
+            f"A mask given as `{name}` must hold Python bools "
             f"(True = excluded). Received: {exclude!r}"
         )
     return lambda params: exclude
 
 
 def warn_unmatched_patterns(
-    exclude_from_weight_decay: ExcludeFromWeightDecay, params: Any
+    exclude_from_weight_decay: ExcludeFromWeightDecay,
+    params: Any,
+    name: str = "exclude_from_weight_decay",
 ) -> None:
     """Warns about each exclusion pattern that matches no leaf of ``params``."""
     patterns = exclude_from_weight_decay
@@ -90,7 +94,7 @@ def warn_unmatched_patterns(
         if not any(re.search(pattern, name) for name in names):
             examples = ", ".join(repr(n) for n in names[:3])
             warnings.warn(
-                f"`exclude_from_weight_decay` pattern {pattern!r} matches no "
+                f"`{name}` pattern {pattern!r} matches no "
                 f"parameter, so it excludes nothing (key paths read like "
                 f"{examples}).",
                 UserWarning,

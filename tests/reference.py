@@ -42,6 +42,7 @@ class ReferenceAdamax:
         exclude_from_weight_decay: Iterable[str] = (),
         skip_nonfinite: bool = False,
         skip_norm_above: float | None = None,
+        exclude_from_ema: Iterable[str] = (),
     ):
         self.params = {k: _wide(v).copy() for k, v in params.items()}
         self.learning_rate = learning_rate
@@ -60,11 +61,17 @@ class ReferenceAdamax:
         self.excluded = {
             k for k in params if patterns and re.search("|".join(patterns), k)
         }
+        ema_patterns = list(exclude_from_ema)
+        self.ema_excluded = {
+            k for k in params if ema_patterns and re.search("|".join(ema_patterns), k)
+        }
         zeros = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.m = dict(zeros)
         self.u = {k: np.zeros(v.shape) for k, v in self.params.items()}  # real
         self.accumulator = dict(zeros)
-        self.ema = {k: v.copy() for k, v in self.params.items()}
+        self.ema = {  # no average of an excluded leaf
+            k: v.copy() for k, v in self.params.items() if k not in self.ema_excluded
+        }
         self.calls = 0  # every call, micro-steps included (Keras' _iterations)
         self.updates = 0  # real updates applied
 
@@ -135,9 +142,15 @@ class ReferenceAdamax:
             self.params[k] = w - step
         if self.use_ema:
             momentum = 0.0 if self.updates == 0 else self.ema_momentum
-            for k, w in self.params.items():
-                self.ema[k] = momentum * self.ema[k] + (1 - momentum) * w
+            for k in self.ema:
+                self.ema[k] = momentum * self.ema[k] + (1 - momentum) * self.params[k]
             f = self.ema_overwrite_frequency
             if f is not None and t % f == 0:
-                self.params = {k: v.copy() for k, v in self.ema.items()}
+                self.params.update({k: v.copy() for k, v in self.ema.items()})
         self.updates += 1
+
+    def final(self) -> dict[str, np.ndarray]:
+        """Keras' ``finalize_variable_values``: the average where there is one."""
+        if not self.use_ema:
+            return dict(self.params)
+        return {k: self.ema.get(k, v) for k, v in self.params.items()}

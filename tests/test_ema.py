@@ -149,3 +149,44 @@ def test_ema_warmup_is_off_by_default_and_reaches_the_optimizer():
     ema_off = 0.99 * ema_off + 0.01 * w3
     np.testing.assert_allclose(results["on"], ema_on, rtol=1e-5)
     np.testing.assert_allclose(results["off"], ema_off, rtol=1e-5)
+
+
+def test_exclude_from_ema_against_the_reference():
+    """Excluded leaves keep no average (no bytes in the state), are never
+    overwritten, and come back as they are from finalize_variable_values."""
+    from conftest import assert_parity, make_problem, run_ours
+    from reference import ReferenceAdamax
+
+    from adamax_optax import finalize_variable_values
+
+    params, grads = make_problem(steps=20)
+    options = dict(use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=4)
+    tx = adamax(0.01, exclude_from_ema=["bias", "^out"], **options)
+    ours, state = run_ours(tx, params, grads)
+    reference = ReferenceAdamax(
+        params, 0.01, exclude_from_ema=["bias", "^out"], **options
+    )
+    for g in grads:
+        reference.step(g)
+    assert_parity(ours, reference.params)
+    assert_parity(finalize_variable_values(ours, state), reference.final())
+    ema_bytes = sum(x.nbytes for x in jax.tree.leaves(state["ema"].ema))
+    assert ema_bytes == params["dense/kernel"].nbytes  # the one leaf kept
+    full = adamax(0.01, **options).init(params)["ema"].ema
+    assert sum(x.nbytes for x in jax.tree.leaves(full)) == sum(
+        v.nbytes for v in params.values()
+    )
+
+
+def test_exclude_from_ema_forms_and_errors():
+    params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    for exclude in (["b"], {"a": False, "b": True}, lambda p: {"a": False, "b": True}):
+        state = parameter_ema(0.5, exclude_from_ema=exclude).init(params)
+        assert isinstance(state.ema["b"], optax.MaskedNode)
+        assert state.ema["a"].shape == (2,)
+    with pytest.raises(ValueError, match="`exclude_from_ema` holds an invalid"):
+        parameter_ema(0.5, exclude_from_ema=["("])
+    with pytest.warns(UserWarning, match="`exclude_from_ema` pattern 'z' matches no"):
+        parameter_ema(0.5, exclude_from_ema=["z"]).init(params)
+    with pytest.warns(UserWarning, match="no effect without `use_ema=True`"):
+        adamax(exclude_from_ema=["b"])

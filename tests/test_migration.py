@@ -1,7 +1,8 @@
 """``migrate_state``: a state carried to another configuration, by role.
 
-The 0.1 layouts are written out here from the 0.1.0 sources (its accumulation
-and dynamic loss scale states had no weight sum and no skip counter).
+The 0.1 layouts are written out here from the 0.1.0 sources (its accumulation,
+dynamic loss scale and learning-rate states had no weight sum, no skip counter
+and no schedule step).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class AccumulateGradientsState01(NamedTuple):
     inner_state: Any
 
 
+class ScaleByKerasLearningRateState01(NamedTuple):
+    count: Any
+    learning_rate: Any
+
+
 class DynamicLossScaleState01(NamedTuple):
     loss_scale: Any
     good_steps: Any
@@ -46,6 +52,8 @@ def as_0_1(state):
             return DynamicLossScaleState01(
                 node.loss_scale, node.good_steps, convert(node.inner_state)
             )
+        if isinstance(node, ao.ScaleByKerasLearningRateState):
+            return ScaleByKerasLearningRateState01(node.count, node.learning_rate)
         if isinstance(node, dict):
             return type(node)((k, convert(v)) for k, v in node.items())
         return node
@@ -161,3 +169,125 @@ def test_leaves_unlike_the_parameters_are_refused():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=r"adamax\.m.*shape \(3,\).*\(4,\)"):
             migrate_state(tx, state, {"w": jnp.zeros(4)})
+
+
+def states_of(tree, kind):
+    """Every ``kind`` node in ``tree``, outermost first."""
+    found = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind))
+    return [x for x in found if isinstance(x, kind)]
+
+
+ROLE_TYPES = (
+    ao.ScaleByKerasAdamaxState,
+    ao.ScaleByKerasLearningRateState,
+    ao.ParameterEMAState,
+    ao.AccumulateGradientsState,
+    ao.DynamicLossScaleState,
+    ao.SkipNonfiniteState,
+)
+SCHEDULE = optax.linear_schedule(0.01, 0.001, 200)
+DEFAULTS: dict = {}
+CHANGES = {
+    "+EMA": dict(use_ema=True, ema_overwrite_frequency=5),
+    "+accumulation": dict(gradient_accumulation_steps=4),
+    "+dynamic loss scale": dict(dynamic_loss_scale={"initial_scale": 1.0}),
+    "+clipping": dict(global_clipnorm=1.0),
+    "state_dtype bfloat16": dict(state_dtype=jnp.bfloat16),
+    "+skip_nonfinite": dict(skip_nonfinite=True),
+    "+EMA without the bias": dict(use_ema=True, exclude_from_ema=["bias"]),
+}
+PAIRS = [(DEFAULTS, change, f"defaults -> {n}") for n, change in CHANGES.items()]
+PAIRS += [(change, DEFAULTS, f"{n} -> defaults") for n, change in CHANGES.items()]
+PAIRS += [
+    (
+        dict(gradient_accumulation_steps=4),
+        dict(gradient_accumulation_steps=8),
+        "N 4->8",
+    ),
+    (CHANGES["+EMA"], CHANGES["+accumulation"], "+EMA -> +accumulation"),
+    (CHANGES["+EMA"], CHANGES["+EMA without the bias"], "+EMA -> EMA without bias"),
+]
+
+
+def own_fields(state):
+    """A state's fields but what it wraps."""
+    return {k: v for k, v in state._asdict().items() if k != "inner_state"}
+
+
+def shared_fields_equal(old, new, kind):
+    """Each field of ``kind`` both states hold: equal bit for bit, cast to the
+    new dtype; an excluded EMA leaf has nothing to compare."""
+    (o,), (n,) = states_of(old, kind), states_of(new, kind)
+    for name in kind._fields:
+        if name == "inner_state" or name not in o._fields:
+            continue
+        masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+        old_leaves = jax.tree.leaves(getattr(o, name), is_leaf=masked)
+        new_leaves = jax.tree.leaves(getattr(n, name), is_leaf=masked)
+        assert len(old_leaves) == len(new_leaves), name
+        for a, b in zip(old_leaves, new_leaves, strict=True):
+            if masked(a) or masked(b):
+                continue
+            np.testing.assert_array_equal(
+                np.asarray(jnp.asarray(a).astype(b.dtype)), np.asarray(b), name
+            )
+
+
+@pytest.mark.parametrize(("first", "second", "name"), PAIRS, ids=[p[2] for p in PAIRS])
+def test_train_migrate_and_go_on(first, second, name):
+    params, grads = params_and_grads(steps=20)
+    with jax.numpy_dtype_promotion("standard"):
+        before = adamax(SCHEDULE, **first)
+        mid_params, state = run_ours(before, params, grads[:6])
+        after = adamax(SCHEDULE, **second)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the dropped parts: tested below
+            migrated = migrate_state(after, state, mid_params)
+        fresh = after.init(mid_params)
+        assert jax.tree.structure(migrated) == jax.tree.structure(fresh)
+        for kind in ROLE_TYPES:
+            if states_of(migrated, kind) and states_of(state, kind):
+                shared_fields_equal(state, migrated, kind)
+            elif states_of(migrated, kind):  # new: as a fresh `init`
+                chex.assert_trees_all_equal(
+                    *(own_fields(states_of(s, kind)[0]) for s in (migrated, fresh))
+                )
+        # The schedule continues: the next update uses the rate it would have.
+        assert float(ao.get_learning_rate(migrated)) == float(
+            ao.get_learning_rate(state)
+        )
+        assert int(ao.get_iterations(migrated)) == int(ao.get_iterations(state))
+        new_params, new_state = continue_run(after, mid_params, migrated, grads[6:])
+    chex.assert_tree_all_finite(new_params)
+    assert int(ao.get_iterations(new_state)) > int(ao.get_iterations(state))
+
+
+def test_the_schedule_goes_on_at_the_new_pace():
+    """N 4 -> 8 after 3 updates: the next update uses the step the old run had
+    reached (15), then each update moves it by 8."""
+    schedule = optax.linear_schedule(1.0, 0.0, 100)
+    params = jnp.zeros(2)
+    with jax.numpy_dtype_promotion("standard"):
+        tx4 = adamax(schedule, gradient_accumulation_steps=4)
+        state = tx4.init(params)
+        for _ in range(12):
+            _, state = jax.jit(tx4.update)(jnp.ones(2), state, params)
+        tx8 = adamax(schedule, gradient_accumulation_steps=8)
+        state = migrate_state(tx8, state, params)
+        assert float(ao.get_learning_rate(state)) == pytest.approx(schedule(15))
+        for _ in range(8):
+            _, state = jax.jit(tx8.update)(jnp.ones(2), state, params)
+    assert float(ao.get_learning_rate(state)) == pytest.approx(float(schedule(23)))
+
+
+def test_a_state_of_another_configuration_is_refused_by_name():
+    params = {"w": jnp.ones(3)}
+    state = adamax().init(params)
+    tx = adamax(weight_decay=0.01, use_ema=True)
+    for update in (tx.update, jax.jit(tx.update)):
+        with pytest.raises(
+            ValueError, match=r"lacks \['ema', 'weight_decay'\].*migrate_state"
+        ):
+            update(params, state, params)
+    with pytest.raises(ValueError, match=r"holds \['accumulate'\].*migrate_state"):
+        adamax().update(params, adamax(gradient_accumulation_steps=2).init(params))
