@@ -31,6 +31,8 @@ from adamax_optax._dynamic_loss_scale import dynamic_loss_scale as dynamic_loss_
 from adamax_optax._ema import ParameterEMAState as ParameterEMAState
 from adamax_optax._ema import finalize_variable_values as finalize_variable_values
 from adamax_optax._ema import parameter_ema as parameter_ema
+from adamax_optax._keras_state import from_keras_optimizer as from_keras_optimizer
+from adamax_optax._keras_state import to_keras_optimizer as to_keras_optimizer
 from adamax_optax._learning_rate import (
     ScaleByKerasLearningRateState as ScaleByKerasLearningRateState,
 )
@@ -75,6 +77,7 @@ __all__ = [
     "finalize_variable_values",
     "from_config",
     "from_keras_config",
+    "from_keras_optimizer",
     "get_config",
     "get_iterations",
     "get_learning_rate",
@@ -90,5 +93,6 @@ __all__ = [
     "scale_by_keras_learning_rate",
     "skip_nonfinite",
     "state_shardings",
+    "to_keras_optimizer",
     "unscale_gradients",
 ]

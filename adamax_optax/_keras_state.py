@@ -1,0 +1,364 @@
+"""A trained Keras ``Adamax``'s state, carried into JAX and back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamax_optax import _common
+from adamax_optax._accumulation import AccumulateGradientsState
+from adamax_optax._adamax import ScaleByKerasAdamaxState
+from adamax_optax._alias import adamax, arguments_of
+from adamax_optax._config import KERAS_ADAMAX_KEYS, _keras_adamax_kwargs
+from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
+from adamax_optax._ema import ParameterEMAState
+from adamax_optax._learning_rate import (
+    ScaleByKerasLearningRateState,
+    _takes_no_arguments,
+    as_step_schedule,
+)
+from adamax_optax._migration import check_state_matches, migrate_state
+
+
+def _keras() -> Any:
+    try:
+        import keras
+    except ImportError as error:  # pragma: no cover - Keras is in every extra
+        raise ImportError(
+            "Carrying optimizer state to or from Keras needs Keras 3 "
+            "(`pip install keras`)."
+        ) from error
+    return keras
+
+
+def _values(variables: Sequence[Any]) -> list[jax.Array]:
+    return [jnp.asarray(v.value if hasattr(v, "value") else v) for v in variables]
+
+
+def _split_loss_scale(optimizer: Any) -> tuple[Any, Any]:
+    """``(the Adamax, the LossScaleOptimizer around it or None)``, or a clear
+    error for anything else."""
+    keras = _keras()
+    scaler = None
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        scaler, optimizer = optimizer, optimizer.inner_optimizer
+    if not isinstance(optimizer, keras.optimizers.Adamax):
+        raise TypeError(
+            "Only `keras.optimizers.Adamax`, or a `LossScaleOptimizer` around "
+            f"one, carries over. Received: {type(optimizer).__name__}"
+        )
+    return optimizer, scaler
+
+
+def _current_learning_rate(optimizer: Any) -> Any:
+    """The rate as the optimizer holds it now: a float, or its schedule."""
+    keras = _keras()
+    rate = optimizer._learning_rate
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        return rate
+    if callable(rate) and _takes_no_arguments(rate):
+        raise ValueError(
+            "The optimizer's learning rate is a zero-argument callable, whose "
+            "value cannot be carried over (it may read anything). Use a float "
+            "or a `keras.optimizers.schedules.LearningRateSchedule`."
+        )
+    return float(np.asarray(rate.value if hasattr(rate, "value") else rate))
+
+
+def from_keras_optimizer(
+    optimizer: Any, variables: Sequence[Any]
+) -> tuple[optax.GradientTransformationExtraArgs, optax.OptState]:
+    r"""The optax twin of a Keras ``Adamax``, with its state, to continue in JAX.
+
+    ``optimizer`` is a ``keras.optimizers.Adamax`` (or a
+    ``keras.optimizers.LossScaleOptimizer`` around one) and ``variables`` the
+    model variables it trains, in the order it was built with: they are mapped
+    by position, since Keras names can collide. The parameters are then the
+    list of their values, ``[v.value for v in variables]``.
+
+    Everything carries over: every option; the learning rate as the optimizer
+    holds it now (a float, or its ``LearningRateSchedule``); and its state:
+    ``m`` and ``u``, the update count (``iteration // N``) and the schedule's
+    step, the EMA, the accumulator and its micro-step (``iteration % N``), the
+    loss scale and its count of finite steps. An unbuilt optimizer gives a
+    fresh state. Keras moves its EMA on every micro-step under accumulation
+    (a documented departure): such an EMA is imported as Keras left it.
+
+    Args:
+      optimizer: a built Keras ``Adamax`` or ``LossScaleOptimizer``.
+      variables: its trainable variables, in build order.
+
+    Returns:
+      ``(tx, opt_state)``: ``tx`` is an :func:`adamax` transformation and
+      ``opt_state`` its state for ``params = [v.value for v in variables]``.
+
+    Raises:
+      TypeError: for another optimizer class.
+      ValueError: for a zero-argument callable learning rate, or variables
+        unlike those the optimizer was built with.
+
+    Example:
+      >>> import os; os.environ.setdefault("KERAS_BACKEND", "jax")
+      'jax'
+      >>> import keras, numpy as np
+      >>> from adamax_optax import from_keras_optimizer, get_iterations
+      >>> variables = [keras.Variable(np.ones(3, "float32"))]
+      >>> optimizer = keras.optimizers.Adamax(0.1)
+      >>> for _ in range(2):
+      ...     optimizer.apply([np.ones(3, "float32")], variables)
+      >>> tx, state = from_keras_optimizer(optimizer, variables)
+      >>> params = [v.value for v in variables]
+      >>> int(get_iterations(state)), float(state["adamax"].u[0][0])
+      (2, 1.0)
+    """
+    adamax_optimizer, scaler = _split_loss_scale(optimizer)
+    learning_rate = _current_learning_rate(adamax_optimizer)
+    config = dict(adamax_optimizer.get_config())
+    config.pop("name", None)
+    config["learning_rate"] = 0.0  # the Keras form; replaced below
+    kwargs = _keras_adamax_kwargs(config)
+    kwargs["learning_rate"] = learning_rate
+    if scaler is not None:
+        kwargs["loss_scale_factor"] = None
+        kwargs["dynamic_loss_scale"] = {
+            "initial_scale": float(scaler.initial_scale),
+            "growth_steps": int(scaler.dynamic_growth_steps),
+        }
+    tx = adamax(**kwargs)
+    params = _values(variables)
+    if not adamax_optimizer.built:
+        return tx, tx.init(params)
+    built = adamax_optimizer._trainable_variables
+    if len(built) != len(params) or any(
+        np.shape(b) != np.shape(p) for b, p in zip(built, params, strict=False)
+    ):
+        raise ValueError(
+            "`variables` must be the variables the optimizer was built with, in "
+            f"that order: it was built with {len(built)} of shapes "
+            f"{[tuple(b.shape) for b in built]}, received {len(params)} of shapes "
+            f"{[tuple(np.shape(p)) for p in params]}."
+        )
+    steps = adamax_optimizer.gradient_accumulation_steps or 1
+    iteration = int(np.asarray(adamax_optimizer._iterations.value))
+    updates, micro_step = divmod(iteration, steps)
+    updates_state: dict[str, Any] = {
+        "adamax": {
+            "count": updates,
+            "m": _values(adamax_optimizer._m),
+            "u": _values(adamax_optimizer._u),
+        },
+        "learning_rate": {
+            "count": updates,
+            "schedule_step": updates * steps + steps - 1,
+            "learning_rate": 0.0,  # recomputed below
+        },
+    }
+    if adamax_optimizer.use_ema:
+        updates_state["ema"] = {
+            "count": updates,
+            "ema": _values(adamax_optimizer._model_variables_moving_average),
+        }
+    keras_state: dict[str, Any] = updates_state
+    if steps > 1:
+        keras_state = {
+            "mini_step": micro_step,
+            "weight_sum": float(micro_step),
+            "accumulator": _values(adamax_optimizer._accumulated_gradients),
+            "inner_state": updates_state,
+        }
+    if scaler is not None:
+        keras_state = {
+            "loss_scale": float(np.asarray(scaler.dynamic_scale.value)),
+            "good_steps": int(np.asarray(scaler.step_counter.value)),
+            "skipped_steps": 0,
+            "inner_state": keras_state,
+        }
+    state = migrate_state(tx, keras_state, params)
+    return tx, _with_current_rate(tx, state)
+
+
+def _with_current_rate(tx: Any, state: Any) -> Any:
+    """``state`` with the learning rate its next update uses, as ``init``
+    records it: the rate at the schedule's step."""
+    rate = as_step_schedule(arguments_of(tx)["learning_rate"])
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, ScaleByKerasLearningRateState):
+            return node._replace(learning_rate=rate(node.schedule_step))
+        return node
+
+    return jax.tree.map(
+        fix, state, is_leaf=lambda x: isinstance(x, ScaleByKerasLearningRateState)
+    )
+
+
+KERAS_OPTIONS = sorted(KERAS_ADAMAX_KEYS - {"learning_rate"})
+"""The arguments of :func:`adamax` that a Keras ``Adamax`` takes as they are."""
+
+UNEXPORTABLE = (
+    "skip_nonfinite",
+    "ema_warmup",
+    "exclude_from_ema",
+    "exclude_from_weight_decay",
+)
+"""Options Keras has no variable or setting for (harmless when off or empty)."""
+
+
+def _is_off(value: Any) -> bool:
+    return (
+        value is None
+        or value is False
+        or (isinstance(value, list | tuple) and not value)
+    )
+
+
+def _refuse_unexportable(arguments: dict[str, Any], params: list[Any]) -> None:
+    keras = _keras()
+    for name in UNEXPORTABLE:
+        if not _is_off(arguments[name]):
+            raise ValueError(
+                f"`{name}={arguments[name]!r}` has no Keras equivalent that an "
+                "exported optimizer could hold; build the optimizer without it."
+            )
+    state_dtype = arguments["state_dtype"]
+    if state_dtype is not None and any(
+        np.dtype(state_dtype) != np.dtype(p.dtype) for p in params
+    ):
+        raise ValueError(
+            f"`state_dtype={np.dtype(state_dtype).name}` differs from the "
+            "parameters' dtypes: Keras keeps each variable's state in its dtype."
+        )
+    rate = arguments["learning_rate"]
+    if callable(rate) and not isinstance(
+        rate, keras.optimizers.schedules.LearningRateSchedule
+    ):
+        raise ValueError(
+            "The learning rate is an optax schedule or another callable; Keras "
+            "takes a float or a `keras.optimizers.schedules.LearningRateSchedule`."
+        )
+    scaling = arguments["dynamic_loss_scale"]
+    if isinstance(scaling, dict):
+        extra = {
+            k: v
+            for k, v in scaling.items()
+            if k not in ("initial_scale", "growth_steps")
+        }
+        keras_like = {"factor": 2.0, "min_loss_scale": 1.0, "max_loss_scale": None}
+        for key, value in extra.items():
+            if value != keras_like.get(key, object()):
+                raise ValueError(
+                    f"`dynamic_loss_scale` sets `{key}={value!r}`; Keras' "
+                    "LossScaleOptimizer has a fixed factor of 2 and no cap."
+                )
+
+
+def to_keras_optimizer(
+    tx: optax.GradientTransformation,
+    opt_state: optax.OptState,
+    variables: Sequence[Any],
+) -> Any:
+    r"""A built Keras optimizer holding ``opt_state``, to continue in Keras.
+
+    The reverse of :func:`from_keras_optimizer`, for an optimizer built by
+    :func:`adamax`: returns a ``keras.optimizers.Adamax`` (a
+    ``LossScaleOptimizer`` around one with ``dynamic_loss_scale``), built on
+    ``variables`` (mapped by position to the parameter list) and holding the
+    state: ``iteration = k * N + micro_step``, ``m``, ``u``, the EMA, the
+    accumulator (zeros at micro-step 0: ours keeps the finished group's mean
+    until the next call overwrites it) and the loss scale with its count.
+
+    Refused, with a ``ValueError`` naming it, is what Keras has no variable or
+    setting for: ``skip_nonfinite``, ``ema_warmup``, ``exclude_from_ema``,
+    ``exclude_from_weight_decay`` (Keras excludes by variable name), a
+    ``state_dtype`` other than the parameters', an optax schedule, a loss scale
+    with ``max_loss_scale`` or another factor than 2, and a weighted
+    accumulation group in progress.
+
+    Args:
+      tx: an optimizer built by :func:`adamax`.
+      opt_state: its state, for ``params = [v.value for v in variables]``.
+      variables: the Keras variables the parameters are the values of.
+
+    Returns:
+      A built Keras optimizer.
+
+    Example:
+      >>> import os; os.environ.setdefault("KERAS_BACKEND", "jax")
+      'jax'
+      >>> import keras, numpy as np
+      >>> from adamax_optax import adamax, to_keras_optimizer
+      >>> variables = [keras.Variable(np.ones(3, "float32"))]
+      >>> tx = adamax(0.1, gradient_accumulation_steps=2)
+      >>> params = [v.value for v in variables]
+      >>> state = tx.init(params)
+      >>> _, state = tx.update([np.ones(3, "float32")], state, params)
+      >>> optimizer = to_keras_optimizer(tx, state, variables)
+      >>> accumulator = optimizer._accumulated_gradients[0]
+      >>> int(optimizer._iterations.value), float(accumulator[0])
+      (1, 1.0)
+    """
+    keras = _keras()
+    arguments = arguments_of(tx)
+    params = _values(variables)
+    _refuse_unexportable(arguments, params)
+    check_state_matches(tx, opt_state, params)
+    find = lambda kind: _common.find_states(opt_state, kind)  # noqa: E731
+    (adamax_state,) = find(ScaleByKerasAdamaxState)
+    steps = arguments["gradient_accumulation_steps"] or 1
+    micro_step, accumulator = 0, None
+    if steps > 1:
+        (accumulation,) = find(AccumulateGradientsState)
+        micro_step = int(accumulation.mini_step)
+        if micro_step and float(accumulation.weight_sum) != micro_step:
+            raise ValueError(
+                "A weighted accumulation group is in progress (weight sum "
+                f"{float(accumulation.weight_sum)} over {micro_step} calls): Keras "
+                "sums its gradients unweighted. Export at the end of a group."
+            )
+        accumulator = jax.tree.leaves(accumulation.accumulator)
+    rate = arguments["learning_rate"]
+    options = {name: arguments[name] for name in KERAS_OPTIONS}
+    optimizer = keras.optimizers.Adamax(
+        learning_rate=rate if callable(rate) else float(rate), **options
+    )
+    outer = optimizer
+    scaling = arguments["dynamic_loss_scale"]
+    if scaling:
+        settings = scaling if isinstance(scaling, dict) else {}
+        outer = keras.optimizers.LossScaleOptimizer(
+            optimizer,
+            initial_scale=settings.get("initial_scale", 2.0**15),
+            dynamic_growth_steps=settings.get("growth_steps", 2000),
+        )
+    variables = list(variables)
+    outer.build(variables)
+    count = int(adamax_state.count)
+    optimizer._iterations.assign(count * steps + micro_step)
+    for target, values in (
+        (optimizer._m, adamax_state.m),
+        (optimizer._u, adamax_state.u),
+    ):
+        for variable, value in zip(target, jax.tree.leaves(values), strict=True):
+            variable.assign(np.asarray(value))
+    if optimizer.use_ema:
+        (ema,) = find(ParameterEMAState)
+        leaves = jax.tree.leaves(ema.ema)
+        for variable, value in zip(
+            optimizer._model_variables_moving_average, leaves, strict=True
+        ):
+            variable.assign(np.asarray(value))
+    if accumulator is not None:
+        for variable, value in zip(
+            optimizer._accumulated_gradients, accumulator, strict=True
+        ):
+            variable.assign(np.asarray(value) if micro_step else np.zeros_like(value))
+    if scaling:
+        (dynamic,) = find(DynamicLossScaleState)
+        outer.dynamic_scale.assign(float(dynamic.loss_scale))
+        outer.step_counter.assign(int(dynamic.good_steps))
+    return outer
