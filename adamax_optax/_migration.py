@@ -205,7 +205,10 @@ def migrate_state(
     learning-rate states lack the weight sum, the skip counter and the schedule
     step: the weight sum becomes the group's micro-step count, the counter 0,
     the schedule step ``k * N + N - 1``), or the plain dicts that
-    ``orbax`` restores without a target.
+    ``orbax`` restores without a target. Given abstract leaves
+    (``jax.ShapeDtypeStruct``, as ``jax.eval_shape(old_optimizer.init,
+    params)`` makes), it returns the abstract new state: shapes, dtypes and
+    shardings, without allocating.
 
     Args:
       new_optimizer: the optimizer to continue with.
@@ -232,6 +235,14 @@ def migrate_state(
       >>> int(get_iterations(state)), int(state["accumulate"].mini_step)
       (3, 0)
     """
+    is_abstract = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
+    if any(map(is_abstract, jax.tree.leaves((old_state, params)))):
+        # Shapes and dtypes only (an orbax restore target): trace the same.
+        return jax.eval_shape(
+            lambda old, current: migrate_state(new_optimizer, old, current),
+            old_state,
+            params,
+        )
     found: dict[str, list[dict[str, Any]]] = {}
     _collect(old_state, found)
     new_state = _rebuild(new_optimizer.init(params), found)

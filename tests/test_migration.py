@@ -291,3 +291,19 @@ def test_a_state_of_another_configuration_is_refused_by_name():
             update(params, state, params)
     with pytest.raises(ValueError, match=r"holds \['accumulate'\].*migrate_state"):
         adamax().update(params, adamax(gradient_accumulation_steps=2).init(params))
+
+
+def test_abstract_states_migrate_to_abstract_states():
+    """An orbax restore target: old structure in, new structure out, nothing
+    allocated; the result is what eval_shape of the new init gives."""
+    params = {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32)}
+    old = jax.eval_shape(adamax(gradient_accumulation_steps=2).init, params)
+    new_tx = adamax(use_ema=True, state_dtype=jnp.bfloat16)
+    with pytest.warns(UserWarning, match="dropped: accumulate"):
+        migrated = migrate_state(new_tx, old, params)
+    want = jax.eval_shape(new_tx.init, params)
+    assert jax.tree.structure(migrated) == jax.tree.structure(want)
+    leaves = zip(jax.tree.leaves(migrated), jax.tree.leaves(want), strict=True)
+    for got, expected in leaves:
+        assert isinstance(got, jax.ShapeDtypeStruct)
+        assert (got.shape, got.dtype) == (expected.shape, expected.dtype)
