@@ -36,8 +36,18 @@ def run_keras(
         if exclude_from_weight_decay:
             optimizer.exclude_from_weight_decay(var_names=exclude_from_weight_decay)
         variables = [keras.Variable(params[k], name=keras_name(k)) for k in keys]
+        optimizer.build(variables)
+        # Keras' own step, compiled as `fit` compiles it on JAX: the same
+        # code as `apply`, traced once instead of run eagerly 50 times.
+        step = jax.jit(optimizer.stateless_apply)
+        state = [v.value for v in optimizer.variables]
+        values = [v.value for v in variables]
         for g in grads:
-            optimizer.apply([g[k] for k in keys], variables)
+            values, state = step(state, [g[k] for k in keys], values)
+        for variable, value in zip(optimizer.variables, state, strict=True):
+            variable.assign(value)
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
         final = {k: np.asarray(v.value) for k, v in zip(keys, variables, strict=True)}
         ema = None
         if optimizer.use_ema:
