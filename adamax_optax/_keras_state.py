@@ -17,11 +17,7 @@ from adamax_optax._alias import adamax, arguments_of
 from adamax_optax._config import KERAS_ADAMAX_KEYS, _keras_adamax_kwargs
 from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
 from adamax_optax._ema import ParameterEMAState
-from adamax_optax._learning_rate import (
-    ScaleByKerasLearningRateState,
-    _takes_no_arguments,
-    as_step_schedule,
-)
+from adamax_optax._learning_rate import _takes_no_arguments
 from adamax_optax._migration import check_state_matches, migrate_state
 
 
@@ -155,7 +151,7 @@ def from_keras_optimizer(
         "learning_rate": {
             "count": updates,
             "schedule_step": updates * steps + steps - 1,
-            "learning_rate": 0.0,  # recomputed below
+            "learning_rate": 0.0,  # `migrate_state` records the rate
         },
     }
     if adamax_optimizer.use_ema:
@@ -178,23 +174,7 @@ def from_keras_optimizer(
             "skipped_steps": 0,
             "inner_state": keras_state,
         }
-    state = migrate_state(tx, keras_state, params)
-    return tx, _with_current_rate(tx, state)
-
-
-def _with_current_rate(tx: Any, state: Any) -> Any:
-    """``state`` with the learning rate its next update uses, as ``init``
-    records it: the rate at the schedule's step."""
-    rate = as_step_schedule(arguments_of(tx)["learning_rate"])
-
-    def fix(node: Any) -> Any:
-        if isinstance(node, ScaleByKerasLearningRateState):
-            return node._replace(learning_rate=rate(node.schedule_step))
-        return node
-
-    return jax.tree.map(
-        fix, state, is_leaf=lambda x: isinstance(x, ScaleByKerasLearningRateState)
-    )
+    return tx, migrate_state(tx, keras_state, params)
 
 
 KERAS_OPTIONS = sorted(KERAS_ADAMAX_KEYS - {"learning_rate"})

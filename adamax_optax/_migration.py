@@ -17,7 +17,10 @@ from adamax_optax._accumulation import AccumulateGradientsState
 from adamax_optax._adamax import ScaleByKerasAdamaxState
 from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
 from adamax_optax._ema import ParameterEMAState, is_masked
-from adamax_optax._learning_rate import ScaleByKerasLearningRateState
+from adamax_optax._learning_rate import (
+    ScaleByKerasLearningRateState,
+    as_step_schedule,
+)
 from adamax_optax._loss_scale import StaticLossScaleState
 from adamax_optax._skip_nonfinite import SkipNonfiniteState
 
@@ -172,6 +175,25 @@ def _rebuild(node: Any, found: dict[str, list[dict[str, Any]]]) -> Any:
     return node
 
 
+def _with_current_rate(optimizer: Any, state: Any) -> Any:
+    """``state`` recording the rate its next update uses: the new optimizer's
+    learning rate at the carried schedule step (the old rate may differ)."""
+    update = getattr(optimizer, "update", None)
+    arguments = getattr(update, "arguments", None)  # an `adamax` optimizer's
+    if arguments is None:
+        return state
+    rate = as_step_schedule(arguments["learning_rate"])
+
+    def record(node: Any) -> Any:
+        if isinstance(node, ScaleByKerasLearningRateState):
+            return node._replace(learning_rate=rate(node.schedule_step))
+        return node
+
+    return jax.tree.map(
+        record, state, is_leaf=lambda x: isinstance(x, ScaleByKerasLearningRateState)
+    )
+
+
 def migrate_state(
     new_optimizer: optax.GradientTransformation,
     old_state: optax.OptState,
@@ -245,7 +267,9 @@ def migrate_state(
         )
     found: dict[str, list[dict[str, Any]]] = {}
     _collect(old_state, found)
-    new_state = _rebuild(new_optimizer.init(params), found)
+    new_state = _with_current_rate(
+        new_optimizer, _rebuild(new_optimizer.init(params), found)
+    )
     dropped = sorted(role for role, olds in found.items() if olds)
     if dropped:
         warnings.warn(

@@ -307,3 +307,12 @@ def test_abstract_states_migrate_to_abstract_states():
     for got, expected in leaves:
         assert isinstance(got, jax.ShapeDtypeStruct)
         assert (got.shape, got.dtype) == (expected.shape, expected.dtype)
+
+
+def test_a_new_learning_rate_is_recorded_at_once():
+    params = {"w": jnp.ones(3)}
+    tx = adamax(0.01)
+    _, state = tx.update(params, tx.init(params), params)
+    faster = migrate_state(adamax(0.05), state, params)
+    assert float(ao.get_learning_rate(faster)) == pytest.approx(0.05)
+    assert int(ao.get_iterations(faster)) == 1
