@@ -115,6 +115,11 @@ def group_arguments(extra_args: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
         weight = 1.0
     elif not isinstance(weight, jax.core.Tracer):
         _validation.check_non_negative("weight", weight)
+    elif jnp.ndim(weight) != 0:
+        raise ValueError(
+            "`weight` must be a scalar (one weight per call). Received: weight "
+            f"with shape {jnp.shape(weight)}"
+        )
     if flush is None:
         flush = False
     elif not isinstance(flush, jax.core.Tracer) and not (
@@ -174,7 +179,10 @@ def accumulate_gradients(
       instance): the group's gradient is ``sum(w_i * g_i) / sum(w_i)``, where
       each ``g_i`` is the gradient of the micro-batch's *mean* loss, so that the
       group's gradient is the gradient of the mean loss over all its tokens.
-      Without ``weight`` every call weighs 1: Keras' mean, exactly. A group
+      Without ``weight`` every call weighs 1: Keras' mean, exactly. The
+      accumulator holds the weighted *sum* in the state dtype until the
+      group's last call: with float16 state, pass weights near 1 (the count
+      over its expected value) or use ``state_dtype=jnp.float32``. A group
       whose weights sum to 0 carries no gradient: its last call applies no
       update (zero updates, nothing in ``inner`` moves) and the next call
       starts a new group.

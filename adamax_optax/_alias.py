@@ -35,7 +35,7 @@ from adamax_optax._learning_rate import (
     scale_by_keras_learning_rate,
 )
 from adamax_optax._loss_scale import unscale_gradients
-from adamax_optax._migration import check_state_matches
+from adamax_optax._migration import state_mismatch
 from adamax_optax._skip_nonfinite import skip_nonfinite as wrap_skip_nonfinite
 from adamax_optax._weight_decay import ExcludeFromWeightDecay, decoupled_weight_decay
 
@@ -343,8 +343,16 @@ def _cast_on_entry(
             _refuse_group_arguments(extra_args)
         updates = _common.cast_to_params(updates, params)
         params = _common.as_arrays(params)
-        check_state_matches(optimizer, state, updates if params is None else params)
-        return optimizer.update(updates, state, params, **extra_args)
+        try:
+            return optimizer.update(updates, state, params, **extra_args)
+        except (KeyError, AttributeError, TypeError, ValueError) as error:
+            # A state of another configuration fails somewhere inside; say
+            # which components differ (free on the normal path).
+            like = updates if params is None else params
+            mismatch = state_mismatch(optimizer, state, like)
+            if mismatch is not None:
+                raise ValueError(mismatch) from error
+            raise
 
     def emit_updates(updates, state, new_state, params=None, **extra_args):
         updates = _common.cast_to_params(updates, params)
@@ -372,7 +380,9 @@ def _refuse_group_arguments(extra_args: Mapping[str, Any]) -> None:
         )
 
 
-def arguments_of(optimizer: optax.GradientTransformation) -> dict[str, Any]:
+def arguments_of(
+    optimizer: optax.GradientTransformation, caller: str = "get_config"
+) -> dict[str, Any]:
     """The keyword arguments :func:`adamax` received for ``optimizer``.
 
     Raises:
@@ -381,7 +391,7 @@ def arguments_of(optimizer: optax.GradientTransformation) -> dict[str, Any]:
     update = getattr(optimizer, "update", None)
     if not isinstance(update, AdamaxUpdate):
         raise ValueError(
-            "`get_config` needs an optimizer built by `adamax_optax.adamax(...)`; "
+            f"`{caller}` needs an optimizer built by `adamax_optax.adamax(...)`; "
             f"received {type(optimizer).__name__}. (An optimizer wrapped by "
             "`optax.inject_hyperparams` or `optax.chain` has no config of its "
             "own: keep the arguments you built it with.)"

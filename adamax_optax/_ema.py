@@ -132,6 +132,8 @@ def parameter_ema(
     excluded = exclusion_mask(exclude_from_ema, "exclude_from_ema")
 
     def init_fn(params: optax.Params) -> ParameterEMAState:
+        if not jax.tree.leaves(params):  # optax's placeholder (`map_params`)
+            return ParameterEMAState(count=jnp.zeros([], jnp.int32), ema=params)
         warn_unmatched_patterns(exclude_from_ema, params, "exclude_from_ema")
         ema = jax.tree.map(
             lambda out, p: (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,8 +17,11 @@ from adamax_optax._alias import adamax, arguments_of
 from adamax_optax._config import KERAS_ADAMAX_KEYS, _keras_adamax_kwargs
 from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
 from adamax_optax._ema import ParameterEMAState
-from adamax_optax._learning_rate import _takes_no_arguments
-from adamax_optax._migration import check_state_matches, migrate_state
+from adamax_optax._learning_rate import (
+    ScaleByKerasLearningRateState,
+    _takes_no_arguments,
+)
+from adamax_optax._migration import migrate_state, state_mismatch
 
 
 def _keras() -> Any:
@@ -59,9 +62,10 @@ def _current_learning_rate(optimizer: Any) -> Any:
         return rate
     if callable(rate) and _takes_no_arguments(rate):
         raise ValueError(
-            "The optimizer's learning rate is a zero-argument callable, whose "
-            "value cannot be carried over (it may read anything). Use a float "
-            "or a `keras.optimizers.schedules.LearningRateSchedule`."
+            f"The optimizer's `learning_rate={rate!r}` is a zero-argument "
+            "callable, whose value cannot be carried over (it may read "
+            "anything). Use a float or a "
+            "`keras.optimizers.schedules.LearningRateSchedule`."
         )
     return float(np.asarray(rate.value if hasattr(rate, "value") else rate))
 
@@ -218,11 +222,12 @@ def _refuse_unexportable(arguments: dict[str, Any], params: list[Any]) -> None:
         rate, keras.optimizers.schedules.LearningRateSchedule
     ):
         raise ValueError(
-            "The learning rate is an optax schedule or another callable; Keras "
-            "takes a float or a `keras.optimizers.schedules.LearningRateSchedule`."
+            f"`learning_rate={rate!r}` is an optax schedule or another callable; "
+            "Keras takes a float or a `keras.optimizers.schedules."
+            "LearningRateSchedule`."
         )
     scaling = arguments["dynamic_loss_scale"]
-    if isinstance(scaling, dict):
+    if isinstance(scaling, Mapping):
         extra = {
             k: v
             for k, v in scaling.items()
@@ -233,7 +238,8 @@ def _refuse_unexportable(arguments: dict[str, Any], params: list[Any]) -> None:
             if value != keras_like.get(key, object()):
                 raise ValueError(
                     f"`dynamic_loss_scale` sets `{key}={value!r}`; Keras' "
-                    "LossScaleOptimizer has a fixed factor of 2 and no cap."
+                    "LossScaleOptimizer has no such setting (its factor is 2, its "
+                    "floor 1 here, and it has no cap)."
                 )
 
 
@@ -283,10 +289,12 @@ def to_keras_optimizer(
       (1, 1.0)
     """
     keras = _keras()
-    arguments = arguments_of(tx)
+    arguments = arguments_of(tx, "to_keras_optimizer")
     params = _values(variables)
     _refuse_unexportable(arguments, params)
-    check_state_matches(tx, opt_state, params)
+    mismatch = state_mismatch(tx, opt_state, params)
+    if mismatch is not None:
+        raise ValueError(mismatch)
     find = lambda kind: _common.find_states(opt_state, kind)  # noqa: E731
     (adamax_state,) = find(ScaleByKerasAdamaxState)
     steps = arguments["gradient_accumulation_steps"] or 1
@@ -300,8 +308,25 @@ def to_keras_optimizer(
                 f"{float(accumulation.weight_sum)} over {micro_step} calls): Keras "
                 "sums its gradients unweighted. Export at the end of a group."
             )
+        if micro_step >= steps:
+            raise ValueError(
+                f"The accumulation group in progress holds {micro_step} calls, more "
+                f"than `gradient_accumulation_steps={steps}` (it was migrated from "
+                "a larger N): Keras' counter cannot say so. Export after its next "
+                "call, which ends it."
+            )
         accumulator = jax.tree.leaves(accumulation.accumulator)
     rate = arguments["learning_rate"]
+    (rate_state,) = find(ScaleByKerasLearningRateState)
+    keras_step = int(adamax_state.count) * steps + steps - 1
+    if callable(rate) and int(rate_state.schedule_step) != keras_step:
+        raise ValueError(
+            f"The schedule is at step {int(rate_state.schedule_step)}, but Keras "
+            f"would evaluate it at {keras_step} (`iteration // N` updates of N = "
+            f"{steps}): this state was migrated from another "
+            "`gradient_accumulation_steps`. Wrap the schedule to start at the "
+            "step reached, or export a float learning rate."
+        )
     options = {name: arguments[name] for name in KERAS_OPTIONS}
     optimizer = keras.optimizers.Adamax(
         learning_rate=rate if callable(rate) else float(rate), **options
@@ -309,7 +334,7 @@ def to_keras_optimizer(
     outer = optimizer
     scaling = arguments["dynamic_loss_scale"]
     if scaling:
-        settings = scaling if isinstance(scaling, dict) else {}
+        settings = scaling if isinstance(scaling, Mapping) else {}
         outer = keras.optimizers.LossScaleOptimizer(
             optimizer,
             initial_scale=settings.get("initial_scale", 2.0**15),

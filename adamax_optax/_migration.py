@@ -110,6 +110,12 @@ def _carry(old: Any, fresh: Any, where: str) -> Any:
                 f"state and {len(fresh_names)} in the new one: were both made for "
                 "the same parameters?"
             )
+        warnings.warn(
+            f"`migrate_state`: {where}'s leaves are named otherwise in the old "
+            "state than in the new one; they are matched by position.",
+            UserWarning,
+            stacklevel=4,
+        )
         by_name = dict(zip(fresh_names, (leaf for _, leaf in old_named), strict=True))
     carried = []
     for name, f in zip(fresh_names, fresh_named, strict=True):
@@ -227,10 +233,12 @@ def migrate_state(
     learning-rate states lack the weight sum, the skip counter and the schedule
     step: the weight sum becomes the group's micro-step count, the counter 0,
     the schedule step ``k * N + N - 1``), or the plain dicts that
-    ``orbax`` restores without a target. Given abstract leaves
+    ``orbax`` restores without a target. A 0.1 state's schedule step is
+    computed with the new optimizer's ``N``: convert it into the configuration
+    that saved it first, then migrate. Given abstract leaves
     (``jax.ShapeDtypeStruct``, as ``jax.eval_shape(old_optimizer.init,
-    params)`` makes), it returns the abstract new state: shapes, dtypes and
-    shardings, without allocating.
+    params)`` makes), it returns the abstract new state: shapes and dtypes
+    (and shardings under explicit mesh axes), without allocating.
 
     Args:
       new_optimizer: the optimizer to continue with.
@@ -302,26 +310,27 @@ def _components(tree: Any) -> set[str]:
     return found
 
 
-def check_state_matches(
+def state_mismatch(
     optimizer: optax.GradientTransformation, state: Any, like_params: Any
-) -> None:
-    """A clear error when ``state`` was not made by ``optimizer.init`` for
-    parameters like ``like_params``: which components differ, and the way out.
-    Structure only, at trace time."""
+) -> str | None:
+    """Why ``state`` was not made by ``optimizer.init`` for parameters like
+    ``like_params`` (which components differ, and the way out), or ``None``
+    when its components match (parameters unlike the state's are the blocks'
+    own errors, which name the leaf). Structure only, at trace time."""
     state = _common.unwrap_variables(state)
     try:
         with warnings.catch_warnings():  # `init`'s warnings were given at `init`
             warnings.simplefilter("ignore")
             expected = jax.eval_shape(optimizer.init, like_params)
     except (TypeError, ValueError):
-        return  # unlike any parameters: the blocks' own checks say how
+        return None  # unlike any parameters: the blocks' own checks say how
     if jax.tree.structure(state) == jax.tree.structure(expected):
-        return
+        return None
     have, want = _components(state), _components(expected)
-    if have == want:  # the parameters differ: the blocks name the leaf
-        return
+    if have == want:
+        return None
     missing, extra = sorted(want - have), sorted(have - want)
-    raise ValueError(
+    return (
         "The optimizer state was built for another configuration of `adamax`: "
         f"it lacks {missing or 'nothing'} and holds {extra or 'nothing'} beyond "
         "this optimizer's components. Convert it with "

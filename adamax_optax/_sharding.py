@@ -82,7 +82,9 @@ def state_shardings(
         raise ValueError("Pass `optimizer` and `param_shardings` together.")
     size = mesh.shape[axis_name]
 
-    def sharding(leaf: Any, base: Any = None) -> NamedSharding:
+    def sharding(leaf: Any, base: Any = None) -> Any:
+        if isinstance(leaf, optax.MaskedNode):  # an EMA leaf left out
+            return leaf
         shape = tuple(np.shape(leaf))
         spec = _spec_on(leaf if base is None else base, mesh, len(shape))
         if not shape or axis_name in _axes_of(spec):

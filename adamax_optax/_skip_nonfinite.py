@@ -71,9 +71,11 @@ def skip_nonfinite(
     computes the inner update on every call and selects; this wrapper advances
     ``inner`` behind a gate, as :func:`adamax_optax.accumulate_gradients` does,
     so a skipped call computes and copies nothing. The finiteness check is one
-    read of the gradient (a sum of ``g - g``, which never overflows); it is not
-    folded into a global norm, whose ``g ** 2`` overflows float32 above about
-    1.8e19 and would skip large finite gradients.
+    read of the gradient: ``isfinite(sum(g))`` per leaf, and only when a sum is
+    not finite the exact ``isfinite(sum(g - g))``, which never overflows. It is
+    not folded into a global norm, whose ``g ** 2`` overflows float32 above
+    about 1.8e19 and would skip large finite gradients. Under accumulation
+    ``skip_norm_above`` applies to each call's gradient, not the group's mean.
 
     With :func:`adamax_optax.dynamic_loss_scale` around it, it sees the
     unscaled gradients, and :func:`adamax_optax.get_skipped_steps` adds both

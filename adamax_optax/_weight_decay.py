@@ -86,13 +86,13 @@ def warn_unmatched_patterns(
         isinstance(p, str) for p in patterns
     ):
         return
-    names = [
+    paths = [
         _common.key_path_name(path)
         for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
     ]
     for pattern in sorted(patterns):
-        if not any(re.search(pattern, name) for name in names):
-            examples = ", ".join(repr(n) for n in names[:3])
+        if not any(re.search(pattern, path) for path in paths):
+            examples = ", ".join(repr(p) for p in paths[:3])
             warnings.warn(
                 f"`{name}` pattern {pattern!r} matches no "
                 f"parameter, so it excludes nothing (key paths read like "

@@ -190,3 +190,29 @@ def test_exclude_from_ema_forms_and_errors():
         parameter_ema(0.5, exclude_from_ema=["z"]).init(params)
     with pytest.warns(UserWarning, match="no effect without `use_ema=True`"):
         adamax(exclude_from_ema=["b"])
+
+
+@pytest.mark.parametrize(
+    "exclude",
+    [["b"], {"a": False, "b": True}, lambda p: {"a": False, "b": True}],
+    ids=["patterns", "mask", "callable"],
+)
+def test_excluded_leaves_get_no_sharding_and_init_under_it(exclude):
+    """``state_shardings(..., optimizer=tx)`` (optax's ``map_params``) and a
+    jitted ``init`` with those shardings, an excluded leaf staying a
+    MaskedNode."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from adamax_optax import state_shardings
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    params = {"a": jnp.ones((4, 2)), "b": jnp.ones(3)}
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
+    tx = adamax(use_ema=True, exclude_from_ema=exclude)
+    abstract = jax.eval_shape(tx.init, params)
+    shardings = state_shardings(
+        abstract, mesh, "data", optimizer=tx, param_shardings=replicated
+    )
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    assert isinstance(state["ema"].ema["b"], optax.MaskedNode)
+    assert state["ema"].ema["a"].shape == (4, 2)

@@ -191,3 +191,27 @@ def test_what_cannot_carry_over_is_refused():
     _, state = tx.update(params, tx.init(params), params, weight=3.0)
     with pytest.raises(ValueError, match="weighted accumulation group"):
         to_keras_optimizer(tx, state, variables)
+
+
+def test_export_refuses_what_a_migration_left_unlike_keras():
+    """A schedule moved to another N, or a group longer than N: Keras'
+    iteration counter cannot say either."""
+    variables = keras_variables([np.ones(3, np.float32)])
+    params = [v.value for v in variables]
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, 5, 0.9)
+    one = adamax(schedule)
+    state = one.init(params)
+    for _ in range(3):
+        _, state = one.update(params, state, params)
+    four = adamax(schedule, gradient_accumulation_steps=4)
+    state = ao.migrate_state(four, state, params)
+    with pytest.raises(ValueError, match="schedule is at step 3, but Keras"):
+        to_keras_optimizer(four, state, variables)
+    eight = adamax(gradient_accumulation_steps=8)
+    state = eight.init(params)
+    for _ in range(6):
+        _, state = eight.update(params, state, params)
+    two = adamax(gradient_accumulation_steps=2)
+    state = ao.migrate_state(two, state, params)
+    with pytest.raises(ValueError, match="holds 6 calls, more than"):
+        to_keras_optimizer(two, state, variables)

@@ -316,3 +316,11 @@ def test_a_new_learning_rate_is_recorded_at_once():
     faster = migrate_state(adamax(0.05), state, params)
     assert float(ao.get_learning_rate(faster)) == pytest.approx(0.05)
     assert int(ao.get_iterations(faster)) == 1
+
+
+def test_leaves_named_otherwise_are_matched_by_position_with_a_warning():
+    tx = adamax()
+    _, state = tx.update([jnp.ones(3)], tx.init([jnp.zeros(3)]), [jnp.zeros(3)])
+    with pytest.warns(UserWarning, match="matched by position"):
+        migrated = migrate_state(tx, state, {"w": jnp.zeros(3)})
+    np.testing.assert_array_equal(migrated["adamax"].u["w"], state["adamax"].u[0])

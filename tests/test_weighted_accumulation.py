@@ -227,3 +227,5 @@ def test_invalid_group_arguments_are_named():
         tx.update(params, tx.init(params), params, weight=-1.0)
     with pytest.raises(TypeError, match="flush='yes'"):
         tx.update(params, tx.init(params), params, flush="yes")
+    with pytest.raises(ValueError, match=r"`weight` must be a scalar.*\(2,\)"):
+        jax.jit(tx.update)(params, tx.init(params), params, weight=jnp.ones(2))
