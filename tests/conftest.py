@@ -103,10 +103,13 @@ def run_donated(tx: optax.GradientTransformation, params: Any, grads: list):
     return params, state
 
 
-def run_ours(tx: optax.GradientTransformation, params: dict, grads: list, jit=True):
-    """Feeds ``grads`` to ``tx``; returns the final params and state."""
-    params = {k: jnp.asarray(v) for k, v in params.items()}
-    state = tx.init(params)
+def run_ours(
+    tx: optax.GradientTransformation, params: Any, grads: list, jit=True, state=None
+):
+    """Feeds ``grads`` to ``tx`` from ``state`` (``tx.init(params)`` if not
+    given); returns the final params and state."""
+    params = jax.tree.map(jnp.asarray, params)
+    state = tx.init(params) if state is None else state
     update = jax.jit(tx.update) if jit else tx.update
     for g in grads:
         updates, state = update(g, state, params)

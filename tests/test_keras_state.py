@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import optax
 import pytest
-from conftest import assert_parity, make_problem
+from conftest import assert_parity, make_problem, run_ours
 
 import adamax_optax as ao
 from adamax_optax import adamax, from_keras_optimizer, to_keras_optimizer
@@ -48,16 +48,6 @@ def keras_train(optimizer, variables, grads):
             variable.assign(value)
         for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
-
-
-def ours_train(tx, state, params, grads):
-    params = [jnp.asarray(p) for p in params]
-    with jax.numpy_dtype_promotion("standard"):
-        update = jax.jit(tx.update)
-        for g in grads:
-            updates, state = update([jnp.asarray(x) for x in g], state, params)
-            params = optax.apply_updates(params, updates)
-    return params, state
 
 
 def as_dict(values):
@@ -112,7 +102,7 @@ def test_keras_to_jax(name):
     optimizer = CASES[name]()
     keras_train(optimizer, variables, grads[:K])
     tx, state = from_keras_optimizer(optimizer, variables)
-    ours, state = ours_train(tx, state, [v.value for v in variables], grads[K:])
+    ours, state = run_ours(tx, [v.value for v in variables], grads[K:], state=state)
     keras_train(optimizer, variables, grads[K:])
     assert_parity(as_dict(ours), as_dict(v.value for v in variables))
     keras_ema = ema_of(optimizer, variables)
@@ -153,13 +143,11 @@ def test_jax_to_keras(name):
         grads = with_overflows(grads)
     options = {"learning_rate": 0.01, **OURS[name]}
     tx = adamax(**options)
-    mid, state = ours_train(
-        tx, tx.init([jnp.asarray(p) for p in params]), params, grads[:K]
-    )
+    mid, state = run_ours(tx, params, grads[:K])
     variables = keras_variables(mid)
     optimizer = to_keras_optimizer(tx, state, variables)
     keras_train(optimizer, variables, grads[K:])
-    ours, state = ours_train(tx, state, mid, grads[K:])
+    ours, state = run_ours(tx, mid, grads[K:], state=state)
     assert_parity(as_dict(ours), as_dict(v.value for v in variables))
     keras_ema = ema_of(optimizer, variables)
     if keras_ema is not None:

@@ -66,13 +66,6 @@ def params_and_grads(steps=12):
     return {k: jnp.asarray(v) for k, v in params.items()}, grads
 
 
-def continue_run(tx, params, state, grads):
-    for g in grads:
-        updates, state = jax.jit(tx.update)(g, state, params)
-        params = optax.apply_updates(params, updates)
-    return params, state
-
-
 OPTIONS = dict(
     gradient_accumulation_steps=4,
     use_ema=True,
@@ -89,8 +82,8 @@ def test_a_0_1_state_converts_and_training_goes_on_bit_for_bit():
     converted = migrate_state(tx, old, mid_params)
     chex.assert_trees_all_equal(converted, state)  # weight sum = 2 micro-steps
     chex.assert_trees_all_equal(
-        continue_run(tx, mid_params, converted, grads[6:]),
-        continue_run(tx, mid_params, state, grads[6:]),
+        run_ours(tx, mid_params, grads[6:], state=converted),
+        run_ours(tx, mid_params, grads[6:], state=state),
     )
 
 
@@ -121,7 +114,7 @@ def test_adding_an_option_keeps_what_is_shared():
     fresh = after.init(mid_params)["accumulate"]
     chex.assert_trees_all_equal(inner["ema"], fresh.inner_state["ema"])
     assert int(migrated["accumulate"].mini_step) == 0
-    new_params, new_state = continue_run(after, mid_params, migrated, grads[5:9])
+    new_params, new_state = run_ours(after, mid_params, grads[5:9], state=migrated)
     assert int(ao.get_iterations(new_state)) == 6
     chex.assert_tree_all_finite(new_params)
 
@@ -257,7 +250,7 @@ def test_train_migrate_and_go_on(first, second, name):
             ao.get_learning_rate(state)
         )
         assert int(ao.get_iterations(migrated)) == int(ao.get_iterations(state))
-        new_params, new_state = continue_run(after, mid_params, migrated, grads[6:])
+        new_params, new_state = run_ours(after, mid_params, grads[6:], state=migrated)
     chex.assert_tree_all_finite(new_params)
     assert int(ao.get_iterations(new_state)) > int(ao.get_iterations(state))
 
