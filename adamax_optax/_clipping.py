@@ -58,14 +58,21 @@ def _abs_sq(g: jax.Array) -> jax.Array:
     return jnp.square(g)
 
 
-def global_norm(updates: optax.Updates) -> jax.Array:
+def global_norm(
+    updates: optax.Updates, leaf_map: Callable[[jax.Array], jax.Array] | None = None
+) -> jax.Array:
     """``sqrt(sum over leaves of sum(|g| ** 2))``, in the widest compute dtype
-    (real); inside ``jit`` with sharded leaves the sums are global."""
+    (real); inside ``jit`` with sharded leaves the sums are global. With
+    ``leaf_map``, of ``leaf_map(g)``, computed in the reductions."""
     leaves = jax.tree.leaves(updates)
+    if leaf_map is not None:
+        leaves = [jax.eval_shape(leaf_map, g) for g in leaves]
     dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
     squared = [
         jnp.sum(_abs_sq(g.astype(_common.compute_dtype(g.dtype)))).astype(dtype)
-        for g in jax.tree.leaves(_separate_read(updates))
+        for g in jax.tree.leaves(
+            jax.tree.map(leaf_map or (lambda g: g), _separate_read(updates))
+        )
     ]
     if not squared:
         return jnp.zeros([], dtype)

@@ -170,10 +170,15 @@ def dynamic_loss_scale(
     ) -> tuple[optax.Updates, DynamicLossScaleState]:
         finite = _runner.all_finite(updates, gating)
 
+        def unscale(g: jax.Array) -> jax.Array:
+            return _common.divide_in_compute(g, state.loss_scale)
+
         def advance_inner(inner_state: Any, operands: Any) -> Any:
             grads, current = operands
-            grads = unscaled(grads, state.loss_scale)
-            return inner.update(grads, inner_state, current, **extra_args)[1]
+            # Unscaled inside the gate, or further in (``update_mapped``).
+            return _runner.update_mapped(
+                inner, grads, unscale, inner_state, current, **extra_args
+            )[1]
 
         inner_state = _runner.gate(
             finite, advance_inner, state.inner_state, (updates, params), gating

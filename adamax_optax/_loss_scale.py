@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from adamax_optax import _common, _validation
+from adamax_optax import _common, _runner, _validation
 
 
 class StaticLossScaleState(NamedTuple):
@@ -33,7 +33,9 @@ def unscale_gradients(
     gradient accumulation, as Keras does.
 
     In front of gradient accumulation the division is fused into the
-    accumulator's sum, rather than written into a gradient-sized temporary.
+    accumulator's sum, rather than written into a gradient-sized temporary; in
+    front of :func:`skip_nonfinite`, into its check and behind its gate (in
+    :func:`chain` or :func:`named_chain`).
 
     Args:
       loss_scale_factor: the factor the loss was multiplied by, > 0.
@@ -56,11 +58,7 @@ def unscale_gradients(
         scale = jnp.asarray(loss_scale_factor).astype(_common.COMPUTE_DTYPE)
         return StaticLossScaleState(loss_scale=scale)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        unscaled = jax.tree.map(
-            lambda g: _common.divide_in_compute(g, loss_scale_factor), updates
-        )
-        return unscaled, state
+    def unscale(g: jax.Array) -> jax.Array:
+        return _common.divide_in_compute(g, loss_scale_factor)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _runner.Leafwise(init_fn, unscale)

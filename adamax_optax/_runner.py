@@ -22,6 +22,14 @@ Emitting from the new state needs each transformation to say how. Three kinds:
 * any other transformation is run again on its old state: correct, and free for
   a stateless one (``optax.scale``, ``optax.clip_by_global_norm``), but a stateful
   one keeps a copy of its state alive across the gate.
+
+A gate's operands are buffers: a gradient computed outside a gate and read
+inside it (divided by a loss scale, for instance) is written out in full and
+read back. So an elementwise map of the gradients (a :class:`Leafwise`
+transformation, a dynamic loss scale's division) is handed on, still pending,
+to the transformation that reads the gradients (:func:`update_mapped`); a gated
+wrapper applies it inside its gate and in the reductions that decide the gate,
+where XLA fuses it.
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ Emit = Callable[..., optax.Updates]
 """A block's ``emit(updates, new_state, params, **extra_args) -> updates``."""
 EmitUpdates = Callable[..., optax.Updates]
 """A composite's ``(updates, state, new_state, params, **extra_args) -> updates``."""
+LeafMap = Callable[[jax.Array], jax.Array]
+"""An elementwise function of a gradient leaf, not yet applied."""
+UpdateMapped = Callable[..., tuple[optax.Updates, optax.OptState]]
+"""A composite's ``(raw_updates, leaf_map, state, params, **extra_args) ->
+(updates, new_state)``: its ``update`` of ``tree.map(leaf_map, raw_updates)``."""
 
 
 def check_gating(gating: Any) -> None:
@@ -97,7 +110,9 @@ def gate(
     return jax.lax.fori_loop(0, jnp.asarray(run).astype(jnp.int32), body, state)
 
 
-def all_finite(tree: Any, gating: Gating | None = None) -> jax.Array:
+def all_finite(
+    tree: Any, gating: Gating | None = None, leaf_map: LeafMap | None = None
+) -> jax.Array:
     """``True`` when every element of every leaf is finite: the predicate of
     the gates that skip a step.
 
@@ -106,21 +121,37 @@ def all_finite(tree: Any, gating: Gating | None = None) -> jax.Array:
     infinity, or an overflow of large finite elements) is the exact check run,
     behind a gate: ``isfinite(sum(x - x))``, which is 0 for finite elements
     and never overflows. Neither squares (a global norm's ``g ** 2`` overflows
-    float32 above about 1.8e19).
+    float32 above about 1.8e19). With ``leaf_map``, the leaves checked are
+    ``leaf_map(x)``, computed in the reductions (the exact check's gate reads
+    ``tree`` itself, so no mapped leaf is ever a buffer).
     """
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.asarray(True)
 
+    def checked(values: list[jax.Array]) -> list[jax.Array]:
+        return [_common.in_compute_dtype(x) for x in mapped(values, leaf_map)]
+
     def finite_sums(values: list[jax.Array]) -> jax.Array:
-        sums = [jnp.sum(_common.in_compute_dtype(x)) for x in values]
-        return jnp.all(jnp.stack([jnp.isfinite(s) for s in sums]))
+        return jnp.all(jnp.stack([jnp.isfinite(jnp.sum(x)) for x in values]))
 
     def exactly(_: jax.Array, values: list[jax.Array]) -> jax.Array:
-        return finite_sums([x - x for x in map(_common.in_compute_dtype, values)])
+        return finite_sums([x - x for x in checked(values)])
 
-    fast = finite_sums(leaves)
+    fast = finite_sums(checked(leaves))
     return gate(jnp.logical_not(fast), exactly, fast, leaves, gating)
+
+
+def mapped(updates: Any, leaf_map: LeafMap | None) -> Any:
+    """``leaf_map`` applied to every leaf of ``updates`` (``None``: as they are)."""
+    return updates if leaf_map is None else jax.tree.map(leaf_map, updates)
+
+
+def then(first: LeafMap | None, second: LeafMap) -> LeafMap:
+    """The leaf map ``second(first(x))``."""
+    if first is None:
+        return second
+    return lambda x: second(first(x))
 
 
 def select(run: jax.Array, updates: optax.Updates) -> optax.Updates:
@@ -202,12 +233,15 @@ class Composite(optax.GradientTransformationExtraArgs):
     ``emit_updates(updates, state, new_state, params, **extra_args)`` emits its
     updates through its ``members``, handing the old ``state`` on only to the
     members that are neither blocks nor composites; ``gating`` is the one a
-    gated wrapper was given explicitly, else ``None``.
+    gated wrapper was given explicitly, else ``None``. ``update_mapped``, when
+    given, is its ``update`` of gradients with a leaf map still pending (see
+    :func:`update_mapped`); ``update`` is then ``update_mapped`` with none.
     """
 
     emit_updates: EmitUpdates
     members: tuple[optax.GradientTransformation, ...]
     gating: Gating | None
+    update_mapped: UpdateMapped | None
 
     def __new__(
         cls,
@@ -216,22 +250,86 @@ class Composite(optax.GradientTransformationExtraArgs):
         emit_updates: EmitUpdates,
         members: tuple[optax.GradientTransformation, ...] = (),
         gating: Gating | None = None,
+        update_mapped: UpdateMapped | None = None,
     ) -> Composite:
         composite = super().__new__(cls, init, update)
         composite.emit_updates = emit_updates
         composite.members, composite.gating = tuple(members), gating
+        composite.update_mapped = update_mapped
         return composite
 
+    @classmethod
+    def from_update_mapped(
+        cls,
+        init: Any,
+        update_mapped: UpdateMapped,
+        emit_updates: EmitUpdates,
+        members: tuple[optax.GradientTransformation, ...] = (),
+        gating: Gating | None = None,
+    ) -> Composite:
+        """The composite whose ``update`` is ``update_mapped`` with no leaf map."""
 
-# Both are NamedTuples of (init, update); flattened, they keep what they add.
+        def update(updates, state, params=None, **extra_args):
+            return update_mapped(updates, None, state, params, **extra_args)
+
+        return cls(init, update, emit_updates, members, gating, update_mapped)
+
+
+class Leafwise(optax.GradientTransformationExtraArgs):
+    """A transformation that maps every gradient leaf by one elementwise
+    function, ``leaf_map``, and never changes its state (a fixed loss scale's
+    division). In :func:`chain` and :func:`named_chain` the map is handed on to
+    the next member (see :func:`update_mapped`)."""
+
+    leaf_map: LeafMap
+
+    def __new__(cls, init: Any, leaf_map: LeafMap) -> Leafwise:
+        def update(updates, state, params=None, **extra_args):
+            del params, extra_args
+            return mapped(updates, leaf_map), state
+
+        leafwise = super().__new__(cls, init, update)
+        leafwise.leaf_map = leaf_map
+        return leafwise
+
+
+# All are NamedTuples of (init, update); flattened, they keep what they add.
 jax.tree_util.register_pytree_node(
     Block, lambda b: ((b.init, b.update, b.emit), None), lambda _, c: Block(*c)
 )
 jax.tree_util.register_pytree_node(
     Composite,
-    lambda c: ((c.init, c.update, c.emit_updates), (c.members, c.gating)),
+    lambda c: (
+        (c.init, c.update, c.emit_updates),
+        (c.members, c.gating, c.update_mapped),
+    ),
     lambda aux, c: Composite(*c, *aux),
 )
+jax.tree_util.register_pytree_node(
+    Leafwise, lambda t: ((t.init, t.leaf_map), None), lambda _, c: Leafwise(*c)
+)
+
+
+def update_mapped(
+    tx: optax.GradientTransformation,
+    raw_updates: optax.Updates,
+    leaf_map: LeafMap | None,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+) -> tuple[optax.Updates, optax.OptState]:
+    """``tx.update(tree.map(leaf_map, raw_updates), state, params, **extra_args)``.
+
+    A composite that can (a chain, :func:`adamax_optax.skip_nonfinite`) takes
+    the map still pending and applies it where XLA fuses it: in the reductions
+    that decide its gate and inside the gate, whose operand is then
+    ``raw_updates``, a buffer already. Applied here instead, the mapped
+    gradients would be a gate's operand, written out in full and read back.
+    """
+    if isinstance(tx, Composite) and tx.update_mapped is not None:
+        return tx.update_mapped(raw_updates, leaf_map, state, params, **extra_args)
+    tx = optax.with_extra_args_support(tx)
+    return tx.update(mapped(raw_updates, leaf_map), state, params, **extra_args)
 
 
 def emit_updates(
@@ -337,17 +435,23 @@ def _chain(
             [(key, tx.init(params)) for key, tx in zip(keys, members, strict=True)]
         )
 
-    def update(updates, state, params=None, **extra_args):
+    def update_mapped_fn(raw_updates, leaf_map, state, params=None, **extra_args):
         if len(state) != len(members):
             raise ValueError(
                 f"The chain has {len(members)} members but its state {len(state)}:"
                 " was it made by this chain's `init`?"
             )
-        new_state = []
+        updates, new_state = raw_updates, []
         for key, tx in zip(keys, members, strict=True):
-            updates, new = tx.update(updates, state[key], params, **extra_args)
+            if isinstance(tx, Leafwise):  # its map waits for the next member
+                leaf_map, new = then(leaf_map, tx.leaf_map), state[key]
+            else:
+                updates, new = update_mapped(
+                    tx, updates, leaf_map, state[key], params, **extra_args
+                )
+                leaf_map = None
             new_state.append((key, new))
-        return updates, pack(new_state)
+        return mapped(updates, leaf_map), pack(new_state)
 
     def emit(updates, state, new_state, params=None, **extra_args):
         for key, tx in zip(keys, members, strict=True):
@@ -356,4 +460,4 @@ def _chain(
             )
         return updates
 
-    return Composite(init, update, emit, tuple(members))
+    return Composite.from_update_mapped(init, update_mapped_fn, emit, tuple(members))

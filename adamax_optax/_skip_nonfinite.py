@@ -28,22 +28,53 @@ class SkipNonfiniteState(NamedTuple):
 
 
 def is_good_step(
-    updates: optax.Updates,
+    raw_updates: optax.Updates,
+    leaf_map: _runner.LeafMap | None,
     skip_norm_above: ArrayLike | None,
     extra_args: dict[str, Any],
     gating: _runner.Gating | None,
 ) -> jax.Array:
-    """``True`` when the call may run: every gradient element and the
-    accumulation ``weight`` (if given) finite, and the global norm at most
-    ``skip_norm_above`` (if set)."""
-    good = _runner.all_finite(updates, gating)
+    """``True`` when the call may run: every element of the gradients
+    (``raw_updates`` mapped by ``leaf_map``) and the accumulation ``weight``
+    (if given) finite, and the global norm at most ``skip_norm_above`` (if
+    set).
+
+    One read of the gradients: the finiteness check, or, with a threshold
+    whose square is finite in every leaf's compute dtype, the norm alone. A
+    NaN or an infinity makes the sum of squares NaN or infinite, and so does
+    an overflow, which only a norm above the threshold can cause; either way
+    the norm is not at most the threshold.
+    """
+    good = jnp.asarray(True)
+    if skip_norm_above is not None:
+        norm = global_norm(raw_updates, leaf_map)
+        good = norm <= _common.as_compute_scalar(skip_norm_above, norm.dtype)
+    if not norm_check_proves_finite(skip_norm_above, raw_updates, leaf_map):
+        good = good & _runner.all_finite(raw_updates, gating, leaf_map)
     weight = extra_args.get("weight")
     if weight is not None:
         good = good & jnp.isfinite(jnp.asarray(weight, jnp.float32))
-    if skip_norm_above is not None:
-        norm = global_norm(updates)
-        good = good & (norm <= _common.as_compute_scalar(skip_norm_above, norm.dtype))
     return good
+
+
+def norm_check_proves_finite(
+    skip_norm_above: ArrayLike | None,
+    raw_updates: optax.Updates,
+    leaf_map: _runner.LeafMap | None,
+) -> bool:
+    """Whether ``global_norm(g) <= skip_norm_above`` implies every element of
+    ``g`` finite: the threshold is concrete and its square below the largest
+    finite number of each leaf's compute dtype."""
+    threshold = None
+    if skip_norm_above is not None:
+        threshold = _validation.concrete_scalar(skip_norm_above)
+    if threshold is None:
+        return False
+    leaves = jax.tree.leaves(raw_updates)
+    if leaf_map is not None:
+        leaves = [jax.eval_shape(leaf_map, g) for g in leaves]
+    dtypes = [_common.real_dtype(_common.compute_dtype(g.dtype)) for g in leaves]
+    return all(threshold * threshold < float(jnp.finfo(d).max) for d in dtypes)
 
 
 def skip_nonfinite(
@@ -70,11 +101,13 @@ def skip_nonfinite(
     under ``global_clipnorm``, every leaf's update). optax's ``apply_if_finite``
     computes the inner update on every call and selects; this wrapper advances
     ``inner`` behind a gate, as :func:`adamax_optax.accumulate_gradients` does,
-    so a skipped call computes and copies nothing. The finiteness check is one
+    so a skipped call computes and copies nothing. The check is one
     read of the gradient: ``isfinite(sum(g))`` per leaf, and only when a sum is
     not finite the exact ``isfinite(sum(g - g))``, which never overflows. It is
     not folded into a global norm, whose ``g ** 2`` overflows float32 above
-    about 1.8e19 and would skip large finite gradients. Under accumulation
+    about 1.8e19 and would skip large finite gradients; but with
+    ``skip_norm_above`` below that, the norm's check is the one read, as a norm
+    at most the threshold proves every element finite. Under accumulation
     ``skip_norm_above`` applies to each call's gradient, not the group's mean.
 
     With :func:`adamax_optax.dynamic_loss_scale` around it, it sees the
@@ -114,23 +147,29 @@ def skip_nonfinite(
             skipped_steps=jnp.zeros([], jnp.int32), inner_state=inner.init(params)
         )
 
-    def update_fn(
-        updates: optax.Updates,
+    def update_mapped(
+        raw_updates: optax.Updates,
+        leaf_map: _runner.LeafMap | None,
         state: SkipNonfiniteState,
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, SkipNonfiniteState]:
-        good = is_good_step(updates, skip_norm_above, extra_args, gating)
+        # A pending ``leaf_map`` (a loss scale's division) is applied in the
+        # check's reductions and inside the gate, never into a buffer.
+        good = is_good_step(raw_updates, leaf_map, skip_norm_above, extra_args, gating)
 
         def advance_inner(inner_state: Any, operands: Any) -> Any:
-            grads, current = operands
-            return inner.update(grads, inner_state, current, **extra_args)[1]
+            raw, current = operands
+            return _runner.update_mapped(
+                inner, raw, leaf_map, inner_state, current, **extra_args
+            )[1]
 
         inner_state = _runner.gate(
-            good, advance_inner, state.inner_state, (updates, params), gating
+            good, advance_inner, state.inner_state, (raw_updates, params), gating
         )
         skipped_steps = state.skipped_steps + jnp.where(good, 0, 1)
         new_state = SkipNonfiniteState(skipped_steps.astype(jnp.int32), inner_state)
+        updates = _runner.mapped(raw_updates, leaf_map)
         return emit_fn(updates, state, new_state, params, **extra_args), new_state
 
     def emit_fn(
@@ -151,4 +190,6 @@ def skip_nonfinite(
         good = new_state.skipped_steps == state.skipped_steps
         return _runner.select(good, emitted)
 
-    return _runner.Composite(init_fn, update_fn, emit_fn, (inner,), gating)
+    return _runner.Composite.from_update_mapped(
+        init_fn, update_mapped, emit_fn, (inner,), gating
+    )

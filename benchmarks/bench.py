@@ -590,6 +590,13 @@ def in_place_rows() -> list[dict[str, Any]]:
             dynamic_loss_scale=True,
             gating=g,
         ),
+        "adamax(N=4, ..., skip_nonfinite, loss_scale_factor)": lambda g: adamax(
+            **accumulation,
+            **FULL_OPTIONS,
+            skip_nonfinite=True,
+            loss_scale_factor=3.0,
+            gating=g,
+        ),
         "adamax(skip_nonfinite), no accumulation": lambda g: adamax(
             skip_nonfinite=True, gating=g
         ),
@@ -722,10 +729,18 @@ def target_rows(total: int, leaves: int, pairs: int) -> list[dict[str, Any]]:
             1.1,
         )
     # One more read of the gradient: 8/7 of the defaults' 7 words, 6/5 of a
-    # micro-step's 5.
+    # micro-step's 5, 7/6 of a micro-step under dynamic loss scaling (whose own
+    # check reads the gradient once).
+    scaled = dict(accumulate, dynamic_loss_scale=True)
     for name, options, phase, limit in (
         ("adamax(skip_nonfinite)", {}, None, 1.15),
         (f"adamax(N={steps}, skip_nonfinite) micro-step", accumulate, 0, 1.2),
+        (
+            f"adamax(N={steps}, skip_nonfinite, dynamic_loss_scale) micro-step",
+            scaled,
+            0,
+            1.17,
+        ),
     ):
         compare(
             "skip_nonfinite over none",

@@ -6,8 +6,8 @@ A training step that calls ``tx.update`` and ``optax.apply_updates`` under
 holds no copy of a leaf, and temporaries under the smallest leaf's bytes. Two
 exceptions may hold one gradient's bytes: loss scaling without accumulation (its
 division feeds several kernels on XLA:CPU) and a stateless optax block inside the
-composition, and ``skip_nonfinite`` under loss scaling (the unscaled gradient,
-which its gate reads, is a buffer).
+composition. ``skip_nonfinite`` under loss scaling holds no such buffer: the
+loss scale's division is handed on to it and applied inside its gate.
 """
 
 from __future__ import annotations
@@ -138,7 +138,26 @@ COMPOSITIONS = {
             **EVERY_OPTION,
             gating=g,
         ),
-        GRADIENT_BYTES,
+        0,
+    ),
+    "adamax(every option, skip_nonfinite, dynamic_loss_scale)": (
+        lambda g: adamax(
+            skip_nonfinite=True, dynamic_loss_scale=True, **EVERY_OPTION, gating=g
+        ),
+        0,
+    ),
+    "adamax(every option, skip_nonfinite, loss_scale_factor)": (
+        lambda g: adamax(
+            skip_nonfinite=True, loss_scale_factor=3.0, **EVERY_OPTION, gating=g
+        ),
+        0,
+    ),
+    "named_chain(unscale_gradients, skip_nonfinite(named_chain(blocks)))": (
+        lambda g: ao.named_chain(
+            ("unscale", ao.unscale_gradients(3.0)),
+            ("skip", ao.skip_nonfinite(blocks(), skip_norm_above=1e3, gating=g)),
+        ),
+        0,
     ),
     "skip_nonfinite(accumulate(named_chain(blocks)))": (
         lambda g: ao.skip_nonfinite(accumulate_gradients(blocks(), 4), gating=g),
@@ -372,7 +391,10 @@ def test_learning_rate_told_another_count_is_an_error():
 
 def test_block_and_composite_survive_flattening():
     """Equinox and others flatten a transformation; the block stays a block."""
-    for tx in (ao.scale_by_keras_adamax(), adamax(**EVERY_OPTION)):
+    every_wrapper = adamax(
+        skip_nonfinite=True, loss_scale_factor=2.0, use_ema=True, **ACCUMULATE
+    )
+    for tx in (ao.scale_by_keras_adamax(), adamax(**EVERY_OPTION), every_wrapper):
         leaves, treedef = jax.tree.flatten(tx)
         again = jax.tree.unflatten(treedef, leaves)
         assert type(again) is type(tx)

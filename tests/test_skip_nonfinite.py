@@ -41,13 +41,7 @@ def good_only(grads, bad_calls=BAD_CALLS):
 OPTION_SETS = {
     "defaults": {},
     "every option": EVERY_OPTION,
-    "clip, decay, EMA, loss_scale_factor": dict(
-        weight_decay=0.01,
-        global_clipnorm=1.0,
-        use_ema=True,
-        ema_overwrite_frequency=3,
-        loss_scale_factor=4.0,
-    ),
+    "every option, loss_scale_factor": dict(**EVERY_OPTION, loss_scale_factor=4.0),
 }
 
 
@@ -179,6 +173,83 @@ def test_norm_threshold_skips_only_above_it():
     np.testing.assert_array_equal(updates, [0.0, 0.0])
     assert int(get_skipped_steps(state)) == 1
     assert int(get_iterations(state)) == 1
+
+
+@pytest.mark.parametrize("gating", ["loop", "cond", "where"])
+@pytest.mark.parametrize("threshold", [5.0, 1e30])
+def test_a_norm_threshold_skips_non_finite_gradients(gating, threshold):
+    """Below about 1.8e19 the norm's check is the only one (a NaN or an
+    infinity makes the norm NaN or infinite); above, the finiteness check runs
+    beside it."""
+    tx = adamax(0.1, skip_nonfinite=True, skip_norm_above=threshold, gating=gating)
+    params = jnp.zeros(3)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for skipped, poison in enumerate((np.nan, np.inf, -np.inf), start=1):
+        updates, state = update(jnp.array([1.0, poison, 2.0]), state, params)
+        np.testing.assert_array_equal(updates, [0.0, 0.0, 0.0])
+        assert int(get_skipped_steps(state)) == skipped
+    assert int(get_iterations(state)) == 0
+    updates, state = update(jnp.array([1.0, -2.0, 2.0]), state, params)  # norm 3
+    np.testing.assert_allclose(updates, [-0.1, 0.1, -0.1], rtol=1e-6)
+    assert int(get_skipped_steps(state)) == 3
+
+
+def test_the_check_sees_the_unscaled_gradients():
+    """A scaled gradient that overflows once divided by a factor below 1 is
+    skipped; the norm threshold applies to the unscaled gradients."""
+    params = jnp.zeros(2)
+    tx = adamax(0.1, skip_nonfinite=True, loss_scale_factor=0.5)
+    update = jax.jit(tx.update)
+    updates, state = update(jnp.array([3e38, 1.0]), tx.init(params), params)
+    np.testing.assert_array_equal(updates, [0.0, 0.0])  # 6e38 is not a float32
+    assert int(get_skipped_steps(state)) == 1
+    updates, state = update(jnp.array([1e38, -1.0]), state, params)
+    np.testing.assert_allclose(updates, [-0.1, 0.1], rtol=1e-6)
+
+    tx = adamax(0.1, skip_nonfinite=True, skip_norm_above=5.0, loss_scale_factor=4.0)
+    update = jax.jit(tx.update)
+    updates, state = update(jnp.array([12.0, 16.0]), tx.init(params), params)
+    np.testing.assert_allclose(updates, [-0.1, -0.1], rtol=1e-6)  # norm 5
+    updates, state = update(jnp.array([12.0, 16.004]), state, params)
+    np.testing.assert_array_equal(updates, [0.0, 0.0])
+    assert int(get_skipped_steps(state)) == 1
+
+
+@pytest.mark.parametrize("gating", ["loop", "cond", "where"])
+def test_a_sum_that_overflows_under_loss_scaling_is_still_finite(gating):
+    """Both checks (the loss scale's and the skip's, on the unscaled
+    gradients) take their exact path, and both find every element finite."""
+    tx = adamax(
+        0.1,
+        skip_nonfinite=True,
+        dynamic_loss_scale={"initial_scale": 1.0},
+        gating=gating,
+    )
+    params = jnp.zeros(3)
+    grads = jnp.array([3e38, 3e38, -1.0])
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates, [-0.1, -0.1, 0.1], rtol=1e-6)
+    assert int(get_skipped_steps(state)) == 0
+
+
+@pytest.mark.parametrize("chain", [ao.chain, optax.chain])
+def test_loss_scales_in_front_of_the_wrapper_in_a_chain(chain):
+    """Two fixed scales in front of ``skip_nonfinite``: the wrapper receives
+    ``g / 2 / 3`` (handed on unapplied by ``adamax_optax.chain``)."""
+    tx = chain(
+        ao.unscale_gradients(2.0),
+        ao.unscale_gradients(3.0),
+        ao.skip_nonfinite(optax.sgd(1.0), skip_norm_above=3.0),
+    )
+    params = jnp.zeros(2)
+    state = tx.init(params)
+    updates, state = tx.update(jnp.array([6.0, 12.0]), state, params)
+    np.testing.assert_allclose(updates, [-1.0, -2.0], rtol=1e-6)
+    for bad in ([np.nan, 6.0], [6.0, 19.0]):  # non-finite; norm above 3
+        updates, state = tx.update(jnp.array(bad), state, params)
+        np.testing.assert_array_equal(updates, [0.0, 0.0])
+    assert int(get_skipped_steps(state)) == 2
 
 
 def test_a_non_finite_weight_is_skipped_too():
