@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from adamax_optax import _common, _validation
+from adamax_optax import _common, _runner, _validation
 
 
 def _in_compute_dtype(fn: Callable[[jax.Array], jax.Array], g: jax.Array) -> jax.Array:
@@ -59,7 +59,7 @@ def _abs_sq(g: jax.Array) -> jax.Array:
 
 
 def global_norm(
-    updates: optax.Updates, leaf_map: Callable[[jax.Array], jax.Array] | None = None
+    updates: optax.Updates, leaf_map: _runner.LeafMap | None = None
 ) -> jax.Array:
     """``sqrt(sum over leaves of sum(|g| ** 2))``, in the widest compute dtype
     (real); inside ``jit`` with sharded leaves the sums are global. With

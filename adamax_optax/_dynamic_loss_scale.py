@@ -170,8 +170,8 @@ def dynamic_loss_scale(
     ) -> tuple[optax.Updates, DynamicLossScaleState]:
         finite = _runner.all_finite(updates, gating)
 
-        def unscale(g: jax.Array) -> jax.Array:
-            return _common.divide_in_compute(g, state.loss_scale)
+        # Applied behind the check of ``updates``, to finite gradients only.
+        unscale = _runner.division_by(state.loss_scale, finite_input=True)
 
         def advance_inner(inner_state: Any, operands: Any) -> Any:
             grads, current = operands

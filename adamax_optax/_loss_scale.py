@@ -58,7 +58,4 @@ def unscale_gradients(
         scale = jnp.asarray(loss_scale_factor).astype(_common.COMPUTE_DTYPE)
         return StaticLossScaleState(loss_scale=scale)
 
-    def unscale(g: jax.Array) -> jax.Array:
-        return _common.divide_in_compute(g, loss_scale_factor)
-
-    return _runner.Leafwise(init_fn, unscale)
+    return _runner.Leafwise(init_fn, _runner.division_by(loss_scale_factor))

@@ -35,14 +35,16 @@ where XLA fuses it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
-from adamax_optax import _common
+from adamax_optax import _common, _validation
 
 Gating = Literal["loop", "cond", "where"]
 """How a gate is compiled: ``"loop"``, a ``fori_loop`` of 0 or 1 trips;
@@ -54,11 +56,49 @@ Emit = Callable[..., optax.Updates]
 """A block's ``emit(updates, new_state, params, **extra_args) -> updates``."""
 EmitUpdates = Callable[..., optax.Updates]
 """A composite's ``(updates, state, new_state, params, **extra_args) -> updates``."""
-LeafMap = Callable[[jax.Array], jax.Array]
-"""An elementwise function of a gradient leaf, not yet applied."""
 UpdateMapped = Callable[..., tuple[optax.Updates, optax.OptState]]
 """A composite's ``(raw_updates, leaf_map, state, params, **extra_args) ->
 (updates, new_state)``: its ``update`` of ``tree.map(leaf_map, raw_updates)``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafMap:
+    """An elementwise function of a gradient leaf, not yet applied.
+
+    ``keeps_finite`` (a bool, possibly traced) says that ``fn`` maps finite
+    elements to finite ones, as a division by at least 1 does: a check of the
+    mapped leaves can then check the leaves themselves. ``finite_input`` says
+    that the leaves it will be applied to are known to be finite (a dynamic
+    loss scale applies its division only behind its own check of them).
+    """
+
+    fn: Callable[[jax.Array], jax.Array]
+    keeps_finite: jax.Array | bool = False
+    finite_input: bool = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fn(x)
+
+
+def division_by(divisor: ArrayLike, finite_input: bool = False) -> LeafMap:
+    """``g / divisor`` in ``g``'s compute dtype, returned in its dtype (a loss
+    scale's unscaling); it keeps finite elements finite when ``divisor >= 1``."""
+    value = _validation.concrete_scalar(divisor)
+    keeps_finite = value >= 1 if value is not None else jnp.asarray(divisor) >= 1
+    return LeafMap(
+        lambda g: _common.divide_in_compute(g, divisor), keeps_finite, finite_input
+    )
+
+
+def then(first: LeafMap | None, second: LeafMap) -> LeafMap:
+    """The leaf map ``second(first(x))``."""
+    if first is None:
+        return second
+    return LeafMap(
+        lambda x: second.fn(first.fn(x)),
+        first.keeps_finite & second.keeps_finite,
+        first.finite_input,
+    )
 
 
 def check_gating(gating: Any) -> None:
@@ -122,8 +162,11 @@ def all_finite(
     behind a gate: ``isfinite(sum(x - x))``, which is 0 for finite elements
     and never overflows. Neither squares (a global norm's ``g ** 2`` overflows
     float32 above about 1.8e19). With ``leaf_map``, the leaves checked are
-    ``leaf_map(x)``, computed in the reductions (the exact check's gate reads
-    ``tree`` itself, so no mapped leaf is ever a buffer).
+    ``leaf_map(x)``, checked as the leaves ``x`` themselves where the map keeps
+    finite elements finite (and not read at all where they are known finite);
+    otherwise the exact check runs, behind its gate, with the map applied
+    inside it (its operands are ``tree``'s leaves, so no mapped leaf is ever a
+    buffer).
     """
     leaves = jax.tree.leaves(tree)
     if not leaves:
@@ -138,20 +181,18 @@ def all_finite(
     def exactly(_: jax.Array, values: list[jax.Array]) -> jax.Array:
         return finite_sums([x - x for x in checked(values)])
 
-    fast = finite_sums(checked(leaves))
+    if leaf_map is not None and leaf_map.finite_input:
+        fast = jnp.asarray(leaf_map.keeps_finite)
+    else:
+        fast = finite_sums([_common.in_compute_dtype(x) for x in leaves])
+        if leaf_map is not None:
+            fast = fast & leaf_map.keeps_finite
     return gate(jnp.logical_not(fast), exactly, fast, leaves, gating)
 
 
 def mapped(updates: Any, leaf_map: LeafMap | None) -> Any:
     """``leaf_map`` applied to every leaf of ``updates`` (``None``: as they are)."""
     return updates if leaf_map is None else jax.tree.map(leaf_map, updates)
-
-
-def then(first: LeafMap | None, second: LeafMap) -> LeafMap:
-    """The leaf map ``second(first(x))``."""
-    if first is None:
-        return second
-    return lambda x: second(first(x))
 
 
 def select(run: jax.Array, updates: optax.Updates) -> optax.Updates:

@@ -152,10 +152,15 @@ COMPOSITIONS = {
         ),
         0,
     ),
-    "named_chain(unscale_gradients, skip_nonfinite(named_chain(blocks)))": (
+    "named_chain(unscale_gradients, skip_nonfinite(accumulate(blocks)))": (
         lambda g: ao.named_chain(
             ("unscale", ao.unscale_gradients(3.0)),
-            ("skip", ao.skip_nonfinite(blocks(), skip_norm_above=1e3, gating=g)),
+            (
+                "skip",
+                ao.skip_nonfinite(
+                    accumulate_gradients(blocks(), 4), skip_norm_above=1e3, gating=g
+                ),
+            ),
         ),
         0,
     ),

@@ -217,6 +217,26 @@ def test_the_check_sees_the_unscaled_gradients():
 
 
 @pytest.mark.parametrize("gating", ["loop", "cond", "where"])
+def test_a_loss_scale_below_one_that_overflows_a_gradient_is_skipped(gating):
+    """The loss scale finds 3e38 finite; divided by its scale of 0.5 it is not
+    a float32, so the skip (which sees the unscaled gradient) drops the call."""
+    tx = adamax(
+        0.1,
+        skip_nonfinite=True,
+        dynamic_loss_scale={"initial_scale": 0.5, "min_loss_scale": 0.25},
+        gating=gating,
+    )
+    params = jnp.zeros(2)
+    update = jax.jit(tx.update)
+    updates, state = update(jnp.array([3e38, 1.0]), tx.init(params), params)
+    np.testing.assert_array_equal(updates, [0.0, 0.0])
+    assert int(state.inner_state["skip_nonfinite"].skipped_steps) == 1
+    assert int(state.skipped_steps) == 0
+    updates, state = update(jnp.array([1e38, -1.0]), state, params)
+    np.testing.assert_allclose(updates, [-0.1, 0.1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("gating", ["loop", "cond", "where"])
 def test_a_sum_that_overflows_under_loss_scaling_is_still_finite(gating):
     """Both checks (the loss scale's and the skip's, on the unscaled
     gradients) take their exact path, and both find every element finite."""
