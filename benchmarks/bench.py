@@ -597,6 +597,7 @@ def in_place_rows() -> list[dict[str, Any]]:
             loss_scale_factor=3.0,
             gating=g,
         ),
+        "adamax(), no accumulation": lambda g: adamax(gating=g),
         "adamax(skip_nonfinite), no accumulation": lambda g: adamax(
             skip_nonfinite=True, gating=g
         ),
@@ -607,8 +608,13 @@ def in_place_rows() -> list[dict[str, Any]]:
     unit = 128 * 1024 * 4
     copy = re.compile(r"= f32\[(256|128),1024\]\{[0-9,]*\} copy\(")
     params = {k: jnp.ones(shape) for k, shape in IN_PLACE_SHAPES.items()}
+    gradient_bytes = sum(np.prod(shape) * 4 for shape in IN_PLACE_SHAPES.values())
     rows = []
-    print(f"{'composition':52s} temporaries / copies, in units of 512 KiB")
+    print(
+        f"{'composition':52s} temporaries / copies, in units of 512 KiB;"
+        " bytes accessed (XLA's cost model, every branch of a gate counted), in"
+        " gradients"
+    )
     for name, make in compositions.items():
         row: dict[str, Any] = dict(composition=name)
         for gating in ("loop", "cond", "where"):
@@ -616,13 +622,18 @@ def in_place_rows() -> list[dict[str, Any]]:
             compiled = donated(tx).lower(params, tx.init(params), params).compile()
             temporaries = compiled.memory_analysis().temp_size_in_bytes / unit
             copies = len(copy.findall(compiled.as_text()))
-            row[gating] = dict(temporaries=temporaries, copies=copies)
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            accessed = float(cost["bytes accessed"]) / gradient_bytes
+            row[gating] = dict(
+                temporaries=temporaries, copies=copies, bytes_accessed=accessed
+            )
         rows.append(row)
         cells = "  ".join(
             f"{g} {row[g]['temporaries']:4.1f} / {row[g]['copies']}"
             for g in ("loop", "cond", "where")
         )
-        print(f"{name:52s} {cells}")
+        print(f"{name:52s} {cells}  bytes (cond) {row['cond']['bytes_accessed']:4.1f}")
     return rows
 
 
