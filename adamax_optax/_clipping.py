@@ -70,9 +70,7 @@ def global_norm(
     dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
     squared = [
         jnp.sum(_abs_sq(g.astype(_common.compute_dtype(g.dtype)))).astype(dtype)
-        for g in jax.tree.leaves(
-            jax.tree.map(leaf_map or (lambda g: g), _separate_read(updates))
-        )
+        for g in jax.tree.leaves(_runner.mapped(_separate_read(updates), leaf_map))
     ]
     if not squared:
         return jnp.zeros([], dtype)

@@ -143,9 +143,6 @@ def dynamic_loss_scale(
             inner_state=inner.init(params),
         )
 
-    def unscaled(updates: optax.Updates, scale: jax.Array) -> optax.Updates:
-        return jax.tree.map(lambda g: _common.divide_in_compute(g, scale), updates)
-
     def next_scale(
         finite: jax.Array, state: DynamicLossScaleState
     ) -> tuple[jax.Array, jax.Array]:
@@ -199,7 +196,7 @@ def dynamic_loss_scale(
     ) -> optax.Updates:
         emitted = _runner.emit_updates(
             inner,
-            unscaled(updates, state.loss_scale),
+            _runner.mapped(updates, _runner.division_by(state.loss_scale)),
             state.inner_state,
             new_state.inner_state,
             params,

@@ -112,7 +112,12 @@ def skip_nonfinite(
 
     With :func:`adamax_optax.dynamic_loss_scale` around it, it sees the
     unscaled gradients, and :func:`adamax_optax.get_skipped_steps` adds both
-    counts (a call skipped by the loss scale never reaches this wrapper).
+    counts (a call skipped by the loss scale never reaches this wrapper). The
+    loss scale's division (or that of :func:`adamax_optax.unscale_gradients`
+    before it in :func:`adamax_optax.chain`) is computed inside this wrapper's
+    check and gate, never into a buffer; and as the loss scale has checked the
+    gradients already, the finiteness check reads nothing more there (with a
+    scale below 1, which can overflow a finite gradient, the exact check runs).
 
     Args:
       inner: the transformation to protect.

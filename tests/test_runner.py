@@ -208,6 +208,35 @@ def test_where_gating_in_place_for_adamax_alone(name):
     assert_in_place(compile_step(make("where")), allowed)
 
 
+def gradients_accessed(tx):
+    """Bytes a donated step accesses by XLA's cost model, in gradients. The
+    model counts every branch of a gate as if it ran."""
+    cost = compile_step(tx).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["bytes accessed"]) / GRADIENT_BYTES
+
+
+@pytest.mark.parametrize(
+    "options, reads",
+    [
+        ({}, 2),
+        (EVERY_OPTION, 2),
+        (dict(loss_scale_factor=3.0, **EVERY_OPTION), 2),
+        (dict(dynamic_loss_scale=True, **EVERY_OPTION), 1),
+    ],
+    ids=["defaults", "every option", "loss_scale_factor", "dynamic_loss_scale"],
+)
+def test_skip_nonfinite_adds_one_read_besides_its_gated_exact_check(options, reads):
+    """``skip_nonfinite`` adds the check's read of the gradient and the exact
+    check behind its gate, which runs only when a sum is not finite (2); under
+    dynamic loss scaling, whose check has read the gradient already, the gated
+    exact check alone (1). No buffer of the unscaled gradient (+2) either."""
+    added = gradients_accessed(
+        adamax(skip_nonfinite=True, **options)
+    ) - gradients_accessed(adamax(**options))
+    assert added <= reads + 0.01
+
+
 @pytest.mark.parametrize("gating", [None, "loop", "cond"])
 @pytest.mark.parametrize(
     "make",
