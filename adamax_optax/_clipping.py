@@ -64,9 +64,7 @@ def global_norm(
     """``sqrt(sum over leaves of sum(|g| ** 2))``, in the widest compute dtype
     (real); inside ``jit`` with sharded leaves the sums are global. With
     ``leaf_map``, of ``leaf_map(g)``, computed in the reductions."""
-    leaves = jax.tree.leaves(updates)
-    if leaf_map is not None:
-        leaves = [jax.eval_shape(leaf_map, g) for g in leaves]
+    leaves = jax.tree.leaves(updates)  # a leaf map keeps their dtypes
     dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
     squared = [
         jnp.sum(_abs_sq(g.astype(_common.compute_dtype(g.dtype)))).astype(dtype)

@@ -167,7 +167,8 @@ def dynamic_loss_scale(
     ) -> tuple[optax.Updates, DynamicLossScaleState]:
         finite = _runner.all_finite(updates, gating)
 
-        # Applied behind the check of ``updates``, to finite gradients only.
+        # Applied behind the check of ``updates``: what it computes is kept for
+        # finite gradients only (``"where"`` computes it always, then selects).
         unscale = _runner.division_by(state.loss_scale, finite_input=True)
 
         def advance_inner(inner_state: Any, operands: Any) -> Any:

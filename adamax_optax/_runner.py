@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from adamax_optax import _common, _validation
+from adamax_optax import _common
 
 Gating = Literal["loop", "cond", "where"]
 """How a gate is compiled: ``"loop"``, a ``fori_loop`` of 0 or 1 trips;
@@ -61,15 +61,18 @@ UpdateMapped = Callable[..., tuple[optax.Updates, optax.OptState]]
 (updates, new_state)``: its ``update`` of ``tree.map(leaf_map, raw_updates)``."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LeafMap:
-    """An elementwise function of a gradient leaf, not yet applied.
+    """An elementwise function of a gradient leaf, not yet applied; it keeps
+    each leaf's shape and dtype.
 
     ``keeps_finite`` (a bool, possibly traced) says that ``fn`` maps finite
     elements to finite ones, as a division by at least 1 does: a check of the
     mapped leaves can then check the leaves themselves. ``finite_input`` says
-    that the leaves it will be applied to are known to be finite (a dynamic
-    loss scale applies its division only behind its own check of them).
+    that the leaves it will be applied to are known to be finite wherever its
+    result is kept: a dynamic loss scale applies its division behind its own
+    check of them (with ``gating="where"`` it applies it to any gradient, and
+    discards everything computed from a non-finite one).
     """
 
     fn: Callable[[jax.Array], jax.Array]
@@ -80,11 +83,13 @@ class LeafMap:
         return self.fn(x)
 
 
-def division_by(divisor: ArrayLike, finite_input: bool = False) -> LeafMap:
+def division_by(divisor: ArrayLike, *, finite_input: bool = False) -> LeafMap:
     """``g / divisor`` in ``g``'s compute dtype, returned in its dtype (a loss
     scale's unscaling); it keeps finite elements finite when ``divisor >= 1``."""
-    value = _validation.concrete_scalar(divisor)
-    keeps_finite = value >= 1 if value is not None else jnp.asarray(divisor) >= 1
+    if isinstance(divisor, int | float):
+        keeps_finite: jax.Array | bool = divisor >= 1
+    else:  # an array: compared on the device, with no wait for its value
+        keeps_finite = jnp.asarray(divisor) >= 1
     return LeafMap(
         lambda g: _common.divide_in_compute(g, divisor), keeps_finite, finite_input
     )
@@ -310,7 +315,12 @@ class Composite(optax.GradientTransformationExtraArgs):
     ) -> Composite:
         """The composite whose ``update`` is ``update_mapped`` with no leaf map."""
 
-        def update(updates, state, params=None, **extra_args):
+        def update(
+            updates: optax.Updates,
+            state: optax.OptState,
+            params: optax.Params | None = None,
+            **extra_args: Any,
+        ) -> tuple[optax.Updates, optax.OptState]:
             return update_mapped(updates, None, state, params, **extra_args)
 
         return cls(init, update, emit_updates, members, gating, update_mapped)
@@ -325,7 +335,12 @@ class Leafwise(optax.GradientTransformationExtraArgs):
     leaf_map: LeafMap
 
     def __new__(cls, init: Any, leaf_map: LeafMap) -> Leafwise:
-        def update(updates, state, params=None, **extra_args):
+        def update(
+            updates: optax.Updates,
+            state: optax.OptState,
+            params: optax.Params | None = None,
+            **extra_args: Any,
+        ) -> tuple[optax.Updates, optax.OptState]:
             del params, extra_args
             return mapped(updates, leaf_map), state
 
@@ -341,10 +356,10 @@ jax.tree_util.register_pytree_node(
 jax.tree_util.register_pytree_node(
     Composite,
     lambda c: (
-        (c.init, c.update, c.emit_updates),
-        (c.members, c.gating, c.update_mapped),
+        (c.init, c.update, c.emit_updates, c.update_mapped),
+        (c.members, c.gating),
     ),
-    lambda aux, c: Composite(*c, *aux),
+    lambda aux, c: Composite(c[0], c[1], c[2], *aux, update_mapped=c[3]),
 )
 jax.tree_util.register_pytree_node(
     Leafwise, lambda t: ((t.init, t.leaf_map), None), lambda _, c: Leafwise(*c)
@@ -476,7 +491,13 @@ def _chain(
             [(key, tx.init(params)) for key, tx in zip(keys, members, strict=True)]
         )
 
-    def update_mapped_fn(raw_updates, leaf_map, state, params=None, **extra_args):
+    def update_mapped_fn(
+        raw_updates: optax.Updates,
+        leaf_map: LeafMap | None,
+        state: Any,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, Any]:
         if len(state) != len(members):
             raise ValueError(
                 f"The chain has {len(members)} members but its state {len(state)}:"

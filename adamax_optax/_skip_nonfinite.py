@@ -39,17 +39,17 @@ def is_good_step(
     (if given) finite, and the global norm at most ``skip_norm_above`` (if
     set).
 
-    One read of the gradients: the finiteness check, or, with a threshold
-    whose square is finite in every leaf's compute dtype, the norm alone. A
-    NaN or an infinity makes the sum of squares NaN or infinite, and so does
-    an overflow, which only a norm above the threshold can cause; either way
-    the norm is not at most the threshold.
+    With a concrete threshold whose square is finite in every leaf's compute
+    dtype, the norm's check alone (one read): a NaN or an infinity makes the
+    sum of squares NaN or infinite, and so does an overflow, which only a norm
+    above the threshold can cause; either way the norm is not at most the
+    threshold. Otherwise the finiteness check as well.
     """
     good = jnp.asarray(True)
     if skip_norm_above is not None:
         norm = global_norm(raw_updates, leaf_map)
         good = norm <= _common.as_compute_scalar(skip_norm_above, norm.dtype)
-    if not norm_check_proves_finite(skip_norm_above, raw_updates, leaf_map):
+    if not norm_check_proves_finite(skip_norm_above, raw_updates):
         good = good & _runner.all_finite(raw_updates, gating, leaf_map)
     weight = extra_args.get("weight")
     if weight is not None:
@@ -58,9 +58,7 @@ def is_good_step(
 
 
 def norm_check_proves_finite(
-    skip_norm_above: ArrayLike | None,
-    raw_updates: optax.Updates,
-    leaf_map: _runner.LeafMap | None,
+    skip_norm_above: ArrayLike | None, raw_updates: optax.Updates
 ) -> bool:
     """Whether ``global_norm(g) <= skip_norm_above`` implies every element of
     ``g`` finite: the threshold is concrete and its square below the largest
@@ -70,9 +68,7 @@ def norm_check_proves_finite(
         threshold = _validation.concrete_scalar(skip_norm_above)
     if threshold is None:
         return False
-    leaves = jax.tree.leaves(raw_updates)
-    if leaf_map is not None:
-        leaves = [jax.eval_shape(leaf_map, g) for g in leaves]
+    leaves = jax.tree.leaves(raw_updates)  # a leaf map keeps their dtypes
     dtypes = [_common.real_dtype(_common.compute_dtype(g.dtype)) for g in leaves]
     return all(threshold * threshold < float(jnp.finfo(d).max) for d in dtypes)
 
@@ -116,8 +112,9 @@ def skip_nonfinite(
     loss scale's division (or that of :func:`adamax_optax.unscale_gradients`
     before it in :func:`adamax_optax.chain`) is computed inside this wrapper's
     check and gate, never into a buffer; and as the loss scale has checked the
-    gradients already, the finiteness check reads nothing more there (with a
-    scale below 1, which can overflow a finite gradient, the exact check runs).
+    gradients already, the finiteness check reads nothing more there with
+    ``gating="loop"`` or ``"cond"`` (with a scale below 1, which can overflow a
+    finite gradient, the exact check runs).
 
     Args:
       inner: the transformation to protect.
@@ -152,7 +149,7 @@ def skip_nonfinite(
             skipped_steps=jnp.zeros([], jnp.int32), inner_state=inner.init(params)
         )
 
-    def update_mapped(
+    def update_mapped_fn(
         raw_updates: optax.Updates,
         leaf_map: _runner.LeafMap | None,
         state: SkipNonfiniteState,
@@ -196,5 +193,5 @@ def skip_nonfinite(
         return _runner.select(good, emitted)
 
     return _runner.Composite.from_update_mapped(
-        init_fn, update_mapped, emit_fn, (inner,), gating
+        init_fn, update_mapped_fn, emit_fn, (inner,), gating
     )

@@ -195,11 +195,12 @@ def test_a_norm_threshold_skips_non_finite_gradients(gating, threshold):
     assert int(get_skipped_steps(state)) == 3
 
 
-def test_the_check_sees_the_unscaled_gradients():
+@pytest.mark.parametrize("gating", ["loop", "cond", "where"])
+def test_the_check_sees_the_unscaled_gradients(gating):
     """A scaled gradient that overflows once divided by a factor below 1 is
     skipped; the norm threshold applies to the unscaled gradients."""
     params = jnp.zeros(2)
-    tx = adamax(0.1, skip_nonfinite=True, loss_scale_factor=0.5)
+    tx = adamax(0.1, skip_nonfinite=True, loss_scale_factor=0.5, gating=gating)
     update = jax.jit(tx.update)
     updates, state = update(jnp.array([3e38, 1.0]), tx.init(params), params)
     np.testing.assert_array_equal(updates, [0.0, 0.0])  # 6e38 is not a float32
@@ -207,7 +208,13 @@ def test_the_check_sees_the_unscaled_gradients():
     updates, state = update(jnp.array([1e38, -1.0]), state, params)
     np.testing.assert_allclose(updates, [-0.1, 0.1], rtol=1e-6)
 
-    tx = adamax(0.1, skip_nonfinite=True, skip_norm_above=5.0, loss_scale_factor=4.0)
+    tx = adamax(
+        0.1,
+        skip_nonfinite=True,
+        skip_norm_above=5.0,
+        loss_scale_factor=4.0,
+        gating=gating,
+    )
     update = jax.jit(tx.update)
     updates, state = update(jnp.array([12.0, 16.0]), tx.init(params), params)
     np.testing.assert_allclose(updates, [-0.1, -0.1], rtol=1e-6)  # norm 5
@@ -237,20 +244,81 @@ def test_a_loss_scale_below_one_that_overflows_a_gradient_is_skipped(gating):
 
 
 @pytest.mark.parametrize("gating", ["loop", "cond", "where"])
-def test_a_sum_that_overflows_under_loss_scaling_is_still_finite(gating):
-    """Both checks (the loss scale's and the skip's, on the unscaled
-    gradients) take their exact path, and both find every element finite."""
+@pytest.mark.parametrize(
+    "scale, grads",
+    [(1.0, [3e38, 3e38, -1.0]), (0.5, [1e38, 1e38, -0.5])],
+    ids=["the loss scale's exact check", "the skip's exact check"],
+)
+def test_a_sum_that_overflows_under_loss_scaling_is_still_finite(gating, scale, grads):
+    """Scale 1: the scaled sum overflows, and the loss scale's exact check
+    finds every element finite (the skip reads nothing more). Scale 0.5: the
+    unscaled sum overflows, and the skip's exact check (a division by less
+    than 1 could overflow, so it runs) finds every element finite."""
     tx = adamax(
         0.1,
         skip_nonfinite=True,
-        dynamic_loss_scale={"initial_scale": 1.0},
+        dynamic_loss_scale={"initial_scale": scale, "min_loss_scale": 0.25},
         gating=gating,
     )
     params = jnp.zeros(3)
-    grads = jnp.array([3e38, 3e38, -1.0])
+    grads = jnp.array(grads)
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     np.testing.assert_allclose(updates, [-0.1, -0.1, 0.1], rtol=1e-6)
     assert int(get_skipped_steps(state)) == 0
+
+
+@pytest.mark.parametrize("gating", ["loop", "cond", "where"])
+def test_a_skip_under_dynamic_loss_scaling_leaves_its_state_alone(gating):
+    """A non-finite scaled gradient: the loss scale skips it, and the skip
+    wrapper inside (which takes the gradients for finite) is left as it was,
+    its counter included, under every gating, mid-group."""
+    tx = adamax(
+        skip_nonfinite=True,
+        dynamic_loss_scale=True,
+        gating=gating,
+        **EVERY_OPTION,
+    )
+    params = jnp.ones(3)
+    update = jax.jit(tx.update)
+    _, state = update(jnp.full(3, 2.0**14), tx.init(params), params)
+    updates, after = update(jnp.array([1.0, np.nan, 1.0]), state, params)
+    np.testing.assert_array_equal(updates, [0.0, 0.0, 0.0])
+    chex.assert_trees_all_equal(after.inner_state, state.inner_state)
+    assert int(after.skipped_steps) == 1
+    assert int(after.inner_state["skip_nonfinite"].skipped_steps) == 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_handed_on_division_computes_what_a_divided_gradient_does(dtype):
+    """``adamax_optax.chain`` hands the fixed scale's division on to the
+    wrapper; ``optax.chain`` divides first. Bit for bit the same."""
+
+    def make(chain):
+        inner = ao.accumulate_gradients(
+            ao.chain(ao.scale_by_keras_adamax(), ao.scale_by_keras_learning_rate(0.1)),
+            2,
+        )
+        return chain(
+            ao.unscale_gradients(3.0), ao.skip_nonfinite(inner, skip_norm_above=50.0)
+        )
+
+    params = jnp.zeros(4, dtype)
+    rows = [
+        [3.0, -6.0, 9.0, 1.5],
+        [1.0, np.nan, 2.0, 0.5],
+        [300.0] * 4,  # unscaled, a norm of 200
+        [0.3, 0.6, -0.9, 2.4],
+        [1.5, -3.0, 4.5, 6.0],
+    ]
+    grads = [jnp.array(g, dtype) for g in rows]
+    ours, theirs = make(ao.chain), make(optax.chain)
+    state_ours, state_theirs = ours.init(params), theirs.init(params)
+    for g in grads:
+        updates_ours, state_ours = jax.jit(ours.update)(g, state_ours, params)
+        updates_theirs, state_theirs = jax.jit(theirs.update)(g, state_theirs, params)
+        chex.assert_trees_all_equal(updates_ours, updates_theirs)
+    chex.assert_trees_all_equal(state_ours, state_theirs)
+    assert int(get_skipped_steps(state_ours)) == 2  # the NaN, the norm of 200
 
 
 @pytest.mark.parametrize("chain", [ao.chain, optax.chain])
