@@ -267,6 +267,25 @@ def test_a_sum_that_overflows_under_loss_scaling_is_still_finite(gating, scale, 
     assert int(get_skipped_steps(state)) == 0
 
 
+def test_an_injected_scale_and_threshold_are_read_where_they_are_traced():
+    """Under ``inject_hyperparams`` the factor and the threshold are traced:
+    the check still sees the unscaled gradients (``[6, 1]``: a norm above 5)."""
+    tx = optax.inject_hyperparams(adamax, static_args=("skip_nonfinite",))(
+        learning_rate=0.1,
+        skip_nonfinite=True,
+        loss_scale_factor=0.5,
+        skip_norm_above=5.0,
+    )
+    params = jnp.zeros(2)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    expected = ([0.0, 0.0], [-0.1, -0.1], [0.0, 0.0])
+    for g, want in zip(([3e38, 1.0], [1.0, 2.0], [3.0, 0.5]), expected, strict=True):
+        updates, state = update(jnp.array(g), state, params)
+        np.testing.assert_allclose(updates, want, rtol=1e-6)
+    assert int(get_skipped_steps(state)) == 2
+
+
 @pytest.mark.parametrize("gating", ["loop", "cond", "where"])
 def test_a_skip_under_dynamic_loss_scaling_leaves_its_state_alone(gating):
     """A non-finite scaled gradient: the loss scale skips it, and the skip
