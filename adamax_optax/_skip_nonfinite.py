@@ -101,7 +101,7 @@ def skip_nonfinite(
     read of the gradient: ``isfinite(sum(g))`` per leaf, and only when a sum is
     not finite the exact ``isfinite(sum(g - g))``, which never overflows. It is
     not folded into a global norm, whose ``g ** 2`` overflows float32 above
-    about 1.8e19 and would skip large finite gradients; but with
+    about 1.8e19 and would skip large finite gradients; but with a concrete
     ``skip_norm_above`` below that, the norm's check is the one read, as a norm
     at most the threshold proves every element finite. Under accumulation
     ``skip_norm_above`` applies to each call's gradient, not the group's mean.
