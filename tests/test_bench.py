@@ -1,7 +1,8 @@
-"""The benchmark command runs end to end; the memory target is checked exactly.
+"""The benchmark command runs end to end and draws its plot; its flags and its
+missing-peer messages say what they should.
 
-Timings are not asserted (machines are noisy: docs/performance.md reports them). XLA's
-buffer assignment is deterministic, so the peak-memory target is a test.
+Timings are not asserted (machines are noisy: docs/performance.md reports them);
+the in-place and traffic targets are tests of their own (``test_runner.py``).
 """
 
 from __future__ import annotations
@@ -15,25 +16,13 @@ import matplotlib.image
 import pytest
 from bench import main
 
-FLOOR_WORDS = {  # the cost model: words of traffic per parameter
-    "adamax_optax defaults": 7,
-    "optax.adamax": 7,
-    "adamax_optax clip+decay+EMA": 10,  # EMA +2, global norm +1
-    "optax chain clip+decay+EMA": 10,
-    "adamax_optax accumulation micro-step": 5,
-    "adamax_optax accumulation update step": 9,  # accumulation +2
-    "optax.MultiSteps micro-step": 5,
-    "optax.MultiSteps update step": 9,
-    "Keras Adamax stateless_apply": 7,
-}
-
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     # The benchmark is user code: standard promotion, as optax's MultiSteps needs.
     with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-        sizes = ["--sizes", "0.25", "--dtypes", "float32", "bfloat16"]
+        sizes = ["--sizes", "0.25", "--dtypes", "float32"]
         plot = path.with_suffix(".png")
         main(
             [
