@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adamax_optax import _common, _runner, _validation
+from adamax_optax import _common, _grouping, _runner, _validation
 from adamax_optax._accumulation import (
     accumulate_gradients,
     check_gradient_accumulation_steps,
@@ -37,7 +37,11 @@ from adamax_optax._learning_rate import (
 from adamax_optax._loss_scale import unscale_gradients
 from adamax_optax._migration import state_mismatch
 from adamax_optax._skip_nonfinite import skip_nonfinite as wrap_skip_nonfinite
-from adamax_optax._weight_decay import ExcludeFromWeightDecay, decoupled_weight_decay
+from adamax_optax._weight_decay import (
+    ExcludeFromWeightDecay,
+    decoupled_weight_decay,
+    exclusion_mask,
+)
 
 
 def _clipping(
@@ -311,6 +315,14 @@ def adamax(
     optimizer: optax.GradientTransformationExtraArgs = _runner.named_chain(*chain)
     if scaling is not None:
         optimizer = wrap_dynamic_loss_scale(optimizer, **scaling, gating=gating)
+    # Small leaves of one shape run stacked (multi-tensor); the exclusions
+    # label them, so that a stack is decayed, and averaged, as one.
+    masks = {}
+    if weight_decay is not None:
+        masks["exclude_from_weight_decay"] = exclusion_mask(exclude_from_weight_decay)
+    if use_ema:
+        masks["exclude_from_ema"] = exclusion_mask(exclude_from_ema, "exclude_from_ema")
+    optimizer = _grouping.grouped(optimizer, masks)
     return _cast_on_entry(
         optimizer, arguments, accumulates=gradient_accumulation_steps is not None
     )

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from adamax_optax import _common, _runner, _validation
+from adamax_optax import _common, _grouping, _runner, _validation
 
 
 def _in_compute_dtype(fn: Callable[[jax.Array], jax.Array], g: jax.Array) -> jax.Array:
@@ -102,12 +102,15 @@ def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformationExtraArgs
     """
     _validation.check_positive("clipnorm", clipnorm)
 
-    def clip_leaf(update: jax.Array) -> jax.Array:
+    def clip_leaf(update: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:
+        # ``axes``: those of one parameter (a stack of equal small leaves in
+        # adamax's grouped view holds one parameter per index of axis 0).
         dtype = _common.compute_dtype(update.dtype)
         real = _common.real_dtype(dtype)
         c = _common.as_compute_scalar(clipnorm, real)
         g = update.astype(dtype)
-        l2sum = jnp.sum(_abs_sq(_separate_read(update).astype(dtype)), keepdims=True)
+        squares = _abs_sq(_separate_read(update).astype(dtype))
+        l2sum = jnp.sum(squares, axis=axes, keepdims=True)
         nonzero = l2sum > 0
         l2sum_safe = jnp.where(nonzero, l2sum, jnp.ones_like(l2sum))
         l2norm = jnp.where(nonzero, jnp.sqrt(l2sum_safe), l2sum)
@@ -115,7 +118,7 @@ def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformationExtraArgs
         clipped = _common.by_parts(lambda g: (g * c) / denominator, g)
         return clipped.astype(update.dtype)
 
-    return stateless(lambda updates: jax.tree.map(clip_leaf, updates))
+    return stateless(lambda updates: _grouping.map_members(clip_leaf, updates))
 
 
 def keras_global_clipnorm(

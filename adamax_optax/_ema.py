@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adamax_optax import _common, _validation
+from adamax_optax import _common, _grouping, _validation
 from adamax_optax._runner import Block
 from adamax_optax._weight_decay import (
     ExcludeFromWeightDecay,
@@ -250,7 +250,7 @@ def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) ->
             f"The optimizer state holds {len(found)} parameter EMAs; "
             "`finalize_variable_values` needs exactly one."
         )
-    ema = found[0].ema
+    ema = _common.unwrap_variables(_grouping.ungroup(found[0].ema))
     # An excluded leaf's value is the parameter itself. Unlike the parameters,
     # the map fails and ``check_tree_match`` says where.
     with contextlib.suppress(ValueError, TypeError):

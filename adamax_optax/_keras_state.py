@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamax_optax import _common
+from adamax_optax import _common, _grouping
 from adamax_optax._accumulation import AccumulateGradientsState
 from adamax_optax._adamax import ScaleByKerasAdamaxState
 from adamax_optax._alias import adamax, arguments_of
@@ -295,6 +295,7 @@ def to_keras_optimizer(
     mismatch = state_mismatch(tx, opt_state, params)
     if mismatch is not None:
         raise ValueError(mismatch)
+    opt_state = _grouping.ungroup(opt_state)
     find = lambda kind: _common.find_states(opt_state, kind)  # noqa: E731
     (adamax_state,) = find(ScaleByKerasAdamaxState)
     steps = arguments["gradient_accumulation_steps"] or 1

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamax_optax import _common
+from adamax_optax import _common, _grouping
 from adamax_optax._accumulation import AccumulateGradientsState
 from adamax_optax._adamax import ScaleByKerasAdamaxState
 from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
@@ -274,10 +274,10 @@ def migrate_state(
             params,
         )
     found: dict[str, list[dict[str, Any]]] = {}
-    _collect(old_state, found)
-    new_state = _with_current_rate(
-        new_optimizer, _rebuild(new_optimizer.init(params), found)
-    )
+    _collect(_grouping.ungroup(old_state), found)
+    fresh = new_optimizer.init(params)
+    rebuilt = _grouping.regroup(_rebuild(_grouping.ungroup(fresh), found), fresh)
+    new_state = _with_current_rate(new_optimizer, rebuilt)
     dropped = sorted(role for role, olds in found.items() if olds)
     if dropped:
         warnings.warn(
@@ -326,6 +326,15 @@ def state_mismatch(
         return None  # unlike any parameters: the blocks' own checks say how
     if jax.tree.structure(state) == jax.tree.structure(expected):
         return None
+    if jax.tree.structure(_grouping.ungroup(state)) == jax.tree.structure(
+        _grouping.ungroup(expected)
+    ):
+        return (
+            "The optimizer state holds the parameters' leaves grouped otherwise "
+            "than this optimizer groups them (a state saved before 0.3 keeps every "
+            "leaf alone; 0.3 stacks small leaves of one shape). Convert it with "
+            "`adamax_optax.migrate_state(tx, old_state, params)`."
+        )
     have, want = _components(state), _components(expected)
     if have == want:
         return None

@@ -9,6 +9,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from adamax_optax import _grouping
+
 
 def state_shardings(
     opt_state: Any,
@@ -98,14 +100,40 @@ def state_shardings(
 
     if optimizer is None:
         return jax.tree.map(sharding, opt_state)
-    return optax.tree.map_params(
+    # Each state leaf that mirrors a parameter starts from its sharding; a
+    # stack of small leaves (adamax's grouped view) takes its first member's,
+    # unsplit along the stacking axis.
+    per_leaf = optax.tree.map_params(
         optimizer,
         sharding,
-        opt_state,
+        _grouping.ungroup(opt_state),
         param_shardings,
         transform_non_params=sharding,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
+    outer = jax.tree.structure(opt_state, is_leaf=_grouping.is_grouped)
+    nodes = jax.tree.leaves(opt_state, is_leaf=_grouping.is_grouped)
+    return outer.unflatten(
+        [
+            _stacked_shardings(node, found) if _grouping.is_grouped(node) else found
+            for node, found in zip(nodes, outer.flatten_up_to(per_leaf), strict=True)
+        ]
+    )
+
+
+def _stacked_shardings(node: Any, member_shardings: Any) -> Any:
+    """A grouped view's part shardings, from its leaves' own."""
+    layout = node.layout
+    leaves = jax.tree.leaves(
+        member_shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+    )
+    parts = []
+    for members in layout.members:
+        first = leaves[members[0]]
+        if len(members) > 1 and isinstance(first, NamedSharding):
+            first = NamedSharding(first.mesh, PartitionSpec(None, *first.spec))
+        parts.append(first)
+    return _grouping.Grouped(parts, layout)
 
 
 def _spec_on(leaf: Any, mesh: Mesh, ndim: int) -> list[Any]:

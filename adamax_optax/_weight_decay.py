@@ -11,7 +11,7 @@ import jax
 import optax
 from jax.typing import ArrayLike
 
-from adamax_optax import _common, _validation
+from adamax_optax import _common, _grouping, _validation
 
 ExcludeFromWeightDecay = str | Sequence[str] | Any | Callable[[Any], Any] | None
 """Patterns, a pytree of bools (``True`` = excluded), or ``params -> such a tree``."""
@@ -34,12 +34,17 @@ def exclusion_mask(
     name: str = "exclude_from_weight_decay",
 ) -> Callable[[Any], Any]:
     """Turns any accepted form of exclusion into ``params -> tree of bools``;
-    ``name`` is the argument's name in the errors.
+    ``name`` is the argument's name in the errors, and the label that the mask
+    reads on a grouped view of the parameters (see ``_grouping.grouped``).
 
     Raises:
       TypeError: for a pattern list holding something other than strings.
       ValueError: for a pattern that is not a valid regular expression.
     """
+    return _grouping.labelled(_plain_mask(exclude_from_weight_decay, name), name)
+
+
+def _plain_mask(exclude_from_weight_decay: ExcludeFromWeightDecay, name: str) -> Any:
     exclude = exclude_from_weight_decay
     if exclude is None or (isinstance(exclude, list | tuple | set) and not exclude):
         return lambda params: jax.tree.map(lambda _: False, params)
@@ -86,6 +91,8 @@ def warn_unmatched_patterns(
         isinstance(p, str) for p in patterns
     ):
         return
+    if _grouping.is_grouped(params):
+        params = params.ungroup()
     paths = [
         _common.key_path_name(path)
         for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]

@@ -1,0 +1,338 @@
+"""Multi-tensor execution: the small leaves of one shape and dtype, stacked.
+
+Every leaf of a pytree costs a step something whatever its size: its own
+kernels, its own buffers in the call, its own copy of the optimizer's HLO (and
+of its compile time). A model of many small leaves (a deep MLP's biases, a
+transformer's layer norms) pays that per leaf, not per byte. :func:`grouped`
+runs a transformation on a *grouped view* of the tree instead: the leaves that
+share a shape, a dtype and a label (their weight-decay and EMA exclusions) are
+stacked into one array per group, up to :data:`MAX_MEMBERS` leaves of fewer
+than :data:`MAX_ELEMENTS` elements each, and the state keeps them stacked. A
+step then gathers the gradients into their groups once, runs the optimizer's
+elementwise math once per group, and slices the updates back, where XLA fuses
+each slice into the caller's ``optax.apply_updates``.
+
+A tree with nothing to group (every leaf large, or of a shape of its own) is
+left as it is: the view is the tree itself, and so is the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamax_optax import _common, _runner
+
+MAX_ELEMENTS = 2**16
+"""A leaf of this many elements or more is never stacked: its bytes, not its
+fixed cost, set its time, and stacking would copy its gradient."""
+
+MAX_MEMBERS = 16
+"""The most leaves in one group. XLA's CPU backend compiles the slices of one
+buffer in a time that grows faster than their number (500 slices of one stack:
+5 to 10 s; in stacks of 16: under 1 s), so many equal leaves make several
+groups."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which leaves of a tree (by their index in its flattening) form each
+    part of its grouped view, and each part's label; static, hashable."""
+
+    treedef: Any
+    members: tuple[tuple[int, ...], ...]
+    labels: tuple[Hashable, ...]
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def is_identity(self) -> bool:
+        return all(len(indices) == 1 for indices in self.members)
+
+    def parts(self, leaves: Sequence[Any]) -> tuple[Any, ...]:
+        """The parts made of a tree's ``leaves`` (in flattening order): each
+        leaf alone, or its group's leaves stacked on a new axis 0."""
+        return tuple(_stack([leaves[i] for i in idx]) for idx in self.members)
+
+    def check(self, tree: Any, what: str) -> tuple[list[Any], Any]:
+        """``tree``'s leaves and structure, once its leaves are known to be
+        those this layout was made for (by number and shape; the error names
+        the first leaf that differs)."""
+        with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        names = [_common.key_path_name(path) for path, _ in with_paths]
+        if len(names) != len(self.names):
+            missing = [n for n in self.names if n not in names]
+            extra = [n for n in names if n not in self.names]
+            raise ValueError(
+                f"`adamax`: the {what} have {len(names)} leaves, the optimizer "
+                f"state {len(self.names)}"
+                + (f"; the {what} have no leaf {missing[0]!r}" if missing else "")
+                + (f"; the state has no leaf {extra[0]!r}" if extra else "")
+                + "."
+            )
+        for name, (_, leaf), shape in zip(names, with_paths, self.shapes, strict=True):
+            if tuple(jnp.shape(leaf)) != shape:
+                raise ValueError(
+                    f"`adamax`: leaf {name!r} has shape {tuple(jnp.shape(leaf))} "
+                    f"in the {what}, {shape} in the optimizer state."
+                )
+        return [leaf for _, leaf in with_paths], treedef
+
+    def leaves(self, parts: Sequence[Any]) -> list[Any]:
+        """The leaves of the tree, in flattening order, from its parts."""
+        leaves: list[Any] = [None] * len(self.names)
+        for part, indices in zip(parts, self.members, strict=True):
+            for index, leaf in zip(indices, _unstack(part, len(indices)), strict=True):
+                leaves[index] = leaf
+        return leaves
+
+
+def _stack(leaves: list[Any]) -> Any:
+    if len(leaves) == 1:
+        return leaves[0]
+    first = leaves[0]
+    if isinstance(first, optax.MaskedNode):
+        return first
+    if isinstance(first, jax.ShapeDtypeStruct):  # an abstract tree
+        return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
+    if not all(jnp.shape(x) == jnp.shape(first) for x in leaves):
+        raise ValueError("a group's leaves differ in shape")  # checked before
+    dtype = jnp.result_type(*leaves)
+    return jax.lax.concatenate(
+        [jax.lax.expand_dims(jnp.asarray(x, dtype), (0,)) for x in leaves], 0
+    )
+
+
+def _unstack(part: Any, count: int) -> list[Any]:
+    if count == 1:
+        return [part]
+    if isinstance(part, optax.MaskedNode):
+        return [part] * count
+    if isinstance(part, jax.ShapeDtypeStruct):
+        return [jax.ShapeDtypeStruct(part.shape[1:], part.dtype)] * count
+    if isinstance(part, bool | np.bool_):  # a label mask's entry
+        return [part] * count
+    return [jax.lax.index_in_dim(part, i, keepdims=False) for i in range(count)]
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Grouped:
+    """The grouped view of a tree: one entry per part (a leaf, or a stack of
+    equal leaves on axis 0), with the :class:`Layout` as static data.
+
+    Read it as the tree it stands for with :meth:`ungroup`.
+    """
+
+    def __init__(self, parts: Sequence[Any], layout: Layout):
+        self.parts = tuple(parts)
+        self.layout = layout
+
+    def tree_flatten_with_keys(self) -> tuple[Any, Layout]:
+        keys = [jax.tree_util.SequenceKey(i) for i in range(len(self.parts))]
+        return list(zip(keys, self.parts, strict=True)), self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout: Layout, parts: Sequence[Any]) -> Grouped:
+        return cls(parts, layout)
+
+    def ungroup(self) -> Any:
+        """The tree this view stands for (each leaf its own array again)."""
+        return self.layout.treedef.unflatten(self.layout.leaves(self.parts))
+
+    def stacked(self) -> tuple[bool, ...]:
+        """Whether each part stacks several leaves (on its axis 0)."""
+        return tuple(len(indices) > 1 for indices in self.layout.members)
+
+    def __repr__(self) -> str:
+        sizes = [len(indices) for indices in self.layout.members]
+        return f"Grouped({len(self.layout.names)} leaves in {len(sizes)} parts)"
+
+
+def is_grouped(x: Any) -> bool:
+    return isinstance(x, Grouped)
+
+
+def _spec(leaf: Any) -> Hashable:
+    """A leaf's partition spec where jax knows it at trace time (explicit
+    mesh axes), else ``None``: the same at ``init`` and under ``eval_shape``."""
+    try:
+        sharding = jax.typeof(leaf).sharding
+    except (TypeError, AttributeError):
+        return None
+    spec = getattr(sharding, "spec", None)
+    return None if spec is None else tuple(spec)
+
+
+def layout_of(tree: Any, labels: Any) -> Layout:
+    """The layout that groups ``tree``'s small leaves by shape, dtype, explicit
+    sharding and label (``labels``: a tree of hashables shaped like ``tree``)."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = tuple(_common.key_path_name(path) for path, _ in with_paths)
+    leaves = [leaf for _, leaf in with_paths]
+    label_leaves = treedef.flatten_up_to(labels)
+    members: list[list[int]] = []
+    part_labels: list[Hashable] = []
+    open_groups: dict[Hashable, int] = {}
+    for index, (leaf, label) in enumerate(zip(leaves, label_leaves, strict=True)):
+        key = _group_key(leaf, label)
+        part = open_groups.get(key) if key is not None else None
+        if part is None or len(members[part]) >= MAX_MEMBERS:
+            members.append([])
+            part_labels.append(label)
+            part = len(members) - 1
+            if key is not None:
+                open_groups[key] = part
+        members[part].append(index)
+    return Layout(
+        treedef,
+        tuple(tuple(indices) for indices in members),
+        tuple(part_labels),
+        names,
+        tuple(tuple(np.shape(leaf)) for leaf in leaves),
+    )
+
+
+def _group_key(leaf: Any, label: Hashable) -> Hashable | None:
+    """What a leaf must share with others to be stacked with them, or ``None``
+    for a leaf kept alone (large, not a floating array, or not an array)."""
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if shape is None or dtype is None or not hasattr(leaf, "ndim"):
+        return None
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return None
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return None
+    if int(np.prod(shape)) >= MAX_ELEMENTS:
+        return None
+    return (tuple(shape), dtype.name, _spec(leaf), label)
+
+
+def group(tree: Any, layout: Layout) -> Any:
+    """``tree`` in its grouped view (``tree`` itself under an identity layout)."""
+    if layout.is_identity:
+        return tree
+    return Grouped(layout.parts(layout.treedef.flatten_up_to(tree)), layout)
+
+
+def ungroup(tree: Any) -> Any:
+    """A tree with every :class:`Grouped` view in it read as its own tree."""
+    return jax.tree.map(
+        lambda x: x.ungroup() if is_grouped(x) else x, tree, is_leaf=is_grouped
+    )
+
+
+def regroup(per_leaf: Any, like: Any) -> Any:
+    """``per_leaf`` (a tree shaped like ``ungroup(like)``) with the views of
+    ``like`` in it: the state a grouped optimizer keeps, from its per-leaf form."""
+    outer = jax.tree.structure(like, is_leaf=is_grouped)
+    templates = jax.tree.leaves(like, is_leaf=is_grouped)
+    parts = outer.flatten_up_to(per_leaf)
+    return outer.unflatten(
+        [
+            group(p, t.layout) if is_grouped(t) else p
+            for p, t in zip(parts, templates, strict=True)
+        ]
+    )
+
+
+def layout_in(state: Any) -> Layout | None:
+    """The layout of the first grouped view in ``state``, if any."""
+    for node in jax.tree.leaves(state, is_leaf=is_grouped):
+        if is_grouped(node):
+            return node.layout
+    return None
+
+
+def map_members(
+    fn: Callable[[jax.Array, tuple[int, ...] | None], Any], tree: Any
+) -> Any:
+    """``fn(leaf, axes)`` on every leaf of ``tree``, where ``axes`` are the axes
+    that span one original leaf (``None``: all of them); for a stacked part of
+    a grouped view, every axis but the stacking axis 0."""
+    if not is_grouped(tree):
+        return jax.tree.map(lambda x: fn(x, None), tree)
+    parts = [
+        fn(part, tuple(range(1, jnp.ndim(part))) if stacked else None)
+        for part, stacked in zip(tree.parts, tree.stacked(), strict=True)
+    ]
+    return Grouped(parts, tree.layout)
+
+
+def labelled(mask: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
+    """``mask`` (``params -> tree of bools``), which on a grouped view reads
+    whether ``name`` is in each part's label instead (see :func:`grouped`)."""
+
+    def read(tree: Any) -> Any:
+        if not is_grouped(tree):
+            return mask(tree)
+        return Grouped([name in label for label in tree.layout.labels], tree.layout)
+
+    return read
+
+
+def grouped(
+    inner: optax.GradientTransformation,
+    masks: Mapping[str, Callable[[Any], Any]] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """``inner`` run on the grouped view of the parameters and gradients.
+
+    ``masks`` (by name, ``params -> tree of bools``, made with
+    :func:`labelled`) label each leaf with the names whose mask holds there;
+    leaves of unlike labels are never stacked together, so that each mask,
+    given to a member of ``inner``, reads the labels of the view. ``init``
+    fixes the layout (from the parameters); ``update`` checks the gradients
+    against it, leaf by leaf, by name.
+    """
+    inner = optax.with_extra_args_support(inner)
+    masks = dict(masks or {})
+
+    def layout_for(params: Any) -> Layout:
+        treedef = jax.tree.structure(params)
+        flags = {name: treedef.flatten_up_to(m(params)) for name, m in masks.items()}
+        labels = [
+            tuple(sorted(name for name in masks if flags[name][i]))
+            for i in range(treedef.num_leaves)
+        ]
+        return layout_of(params, treedef.unflatten(labels))
+
+    def init_fn(params: optax.Params) -> optax.OptState:
+        if not jax.tree.leaves(params):  # optax's placeholder (`map_params`)
+            return inner.init(params)
+        return inner.init(group(params, layout_for(params)))
+
+    def view(updates: Any, state: Any, params: Any) -> tuple[Any, Any, Any]:
+        """The gradients and parameters grouped as the state is, and a function
+        that reads updates back in the gradients' structure."""
+        layout = layout_in(state)
+        if layout is None:
+            return updates, params, lambda updates: updates
+        leaves, treedef = layout.check(updates, "gradients")
+        if params is not None:
+            param_leaves = layout.check(params, "parameters")[0]
+            params = Grouped(layout.parts(param_leaves), layout)
+        return (
+            Grouped(layout.parts(leaves), layout),
+            params,
+            lambda grouped: treedef.unflatten(layout.leaves(grouped.parts)),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        updates, params, back = view(updates, state, params)
+        updates, new_state = inner.update(updates, state, params, **extra_args)
+        return back(updates), new_state
+
+    def emit_fn(updates, state, new_state, params=None, **extra_args):
+        updates, params, back = view(updates, new_state, params)
+        return back(
+            _runner.emit_updates(inner, updates, state, new_state, params, **extra_args)
+        )
+
+    return _runner.Composite(init_fn, update_fn, emit_fn, (inner,))
