@@ -1,0 +1,233 @@
+"""Multi-tensor execution: many small leaves of one shape run stacked.
+
+A model of 20 equal layers (kernels (4, 3), biases (3,)) is grouped into
+stacks; every option must still agree with real Keras, which runs each leaf on
+its own, and the state's readers must see the per-leaf state.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import assert_parity, run_ours
+from keras_oracle import run_keras
+
+import adamax_optax
+from adamax_optax import _grouping, adamax, finalize_variable_values, migrate_state
+
+LAYERS = 20  # two groups a shape at 16 leaves a group: 16 + 4
+SHAPES = {
+    **{f"layer_{i:02d}/kernel": (4, 3) for i in range(LAYERS)},
+    **{f"layer_{i:02d}/bias": (3,) for i in range(LAYERS)},
+    "head/kernel": (3, 2),
+}
+
+
+def problem(seed: int = 0, steps: int = 30, scale: float = 3.0):
+    rng = np.random.default_rng(seed)
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    grads = [
+        {k: (scale * rng.normal(size=s)).astype(np.float32) for k, s in SHAPES.items()}
+        for _ in range(steps)
+    ]
+    return params, grads
+
+
+CONFIGS = {
+    "defaults": {},
+    "weight_decay_excluded": {
+        "learning_rate": 0.05,
+        "weight_decay": 0.1,
+        "exclude_from_weight_decay": ["bias"],
+    },
+    "clipnorm": {"learning_rate": 0.05, "clipnorm": 0.5},
+    "global_clipnorm": {"learning_rate": 0.05, "global_clipnorm": 1.0},
+    "clipvalue": {"learning_rate": 0.05, "clipvalue": 0.3},
+    "ema_overwrite": {
+        "learning_rate": 0.05,
+        "use_ema": True,
+        "ema_momentum": 0.8,
+        "ema_overwrite_frequency": 4,
+    },
+    "everything_with_accumulation": {
+        "learning_rate": 0.05,
+        "beta_1": 0.8,
+        "weight_decay": 0.02,
+        "clipnorm": 1.0,
+        "loss_scale_factor": 4.0,
+        "gradient_accumulation_steps": 3,
+        "exclude_from_weight_decay": ["bias"],
+    },  # Keras moves its EMA on micro-steps (a departure): EMA compared above
+}
+
+
+def test_small_equal_leaves_are_stacked_in_the_state():
+    params, _ = problem()
+    state = adamax().init(params)
+    m = state["adamax"].m
+    assert isinstance(m, _grouping.Grouped)
+    # kernels 16 + 4, biases 16 + 4, the head alone.
+    assert sorted(np.shape(p) for p in m.parts) == sorted(
+        [(16, 4, 3), (4, 4, 3), (16, 3), (4, 3), (3, 2)]
+    )
+    assert len(jax.tree.leaves(state)) == 2 * 5 + 4  # and four scalars, not 2 * 41
+
+
+def test_large_or_unique_leaves_keep_the_state_per_leaf():
+    params = {"big": jnp.zeros((256, 256)), "other": jnp.zeros((256, 256))}
+    state = adamax().init(params)
+    assert state["adamax"].m.keys() == params.keys()
+
+
+def test_exclusions_never_share_a_stack():
+    params, _ = problem()
+    pattern = "layer_0[0-4]/bias"
+    tx = adamax(weight_decay=0.1, exclude_from_weight_decay=[pattern])
+    layout = tx.init(params)["adamax"].m.layout
+    excluded_parts = 0
+    for members in layout.members:
+        flags = {re.search(pattern, layout.names[i]) is not None for i in members}
+        assert len(flags) == 1, [layout.names[i] for i in members]
+        excluded_parts += flags == {True}
+    assert excluded_parts == 1  # the five excluded biases, stacked together
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_grouped_parity_with_keras(config):
+    params, grads = problem(seed=1)
+    keras_params, keras_ema = run_keras(params, grads, **config)
+    ours, state = run_ours(adamax(**config), params, grads)
+    assert_parity(ours, keras_params)
+    if keras_ema is not None:
+        assert_parity(finalize_variable_values(ours, state), keras_ema)
+
+
+def test_defaults_are_bit_identical_grouped_or_not(monkeypatch):
+    """Elementwise math stacked is the same math: no reduction reorders."""
+    params, grads = problem(seed=2, steps=10)
+    grouped, _ = run_ours(adamax(0.05), params, grads)
+    monkeypatch.setattr(_grouping, "MAX_MEMBERS", 1)
+    alone, state = run_ours(adamax(0.05), params, grads)
+    assert not isinstance(state["adamax"].m, _grouping.Grouped)
+    for key in SHAPES:
+        np.testing.assert_array_equal(grouped[key], alone[key])
+
+
+def test_a_per_leaf_state_migrates_to_grouped_and_back(monkeypatch):
+    """A state saved before grouping (every leaf alone) continues grouped, and
+    a grouped state converts back, both as Keras continuing."""
+    config = CONFIGS["everything_with_accumulation"]
+    params, grads = problem(seed=3)
+    keras_params, _ = run_keras(params, grads, **config)
+    monkeypatch.setattr(_grouping, "MAX_MEMBERS", 1)
+    per_leaf_tx = adamax(**config)
+    half, per_leaf_state = run_ours(per_leaf_tx, params, grads[:10])
+    monkeypatch.undo()
+    tx = adamax(**config)
+    # As it is, a per-leaf state still runs (leaf by leaf, as it was saved).
+    _, as_saved = tx.update(grads[10], per_leaf_state, half)
+    assert as_saved["accumulate"].accumulator.keys() == SHAPES.keys()
+    state = migrate_state(tx, per_leaf_state, half)
+    assert isinstance(state["accumulate"].accumulator, _grouping.Grouped)
+    more, state = run_ours(tx, half, grads[10:20], state=state)
+    monkeypatch.setattr(_grouping, "MAX_MEMBERS", 1)
+    back = migrate_state(per_leaf_tx, state, more)
+    assert back["accumulate"].accumulator.keys() == SHAPES.keys()
+    final, _ = run_ours(per_leaf_tx, more, grads[20:], state=back)
+    assert_parity(final, keras_params)
+
+
+def test_grouped_state_exports_to_keras():
+    params, grads = problem(seed=4, steps=6)
+    keras_params, _ = run_keras(params, grads, learning_rate=0.05)
+    keys = sorted(params)
+    tx = adamax(0.05)
+    values = [jnp.asarray(params[k]) for k in keys]
+    ours, state = run_ours(tx, values, [[g[k] for k in keys] for g in grads])
+    import keras
+
+    variables = [keras.Variable(np.asarray(v)) for v in ours]
+    optimizer = adamax_optax.to_keras_optimizer(tx, state, variables)
+    keras_m = [np.asarray(v.value) for v in optimizer._m]
+    our_m = jax.tree.leaves(_grouping.ungroup(state["adamax"].m))
+    for a, b in zip(keras_m, our_m, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert_parity(dict(zip(keys, ours, strict=True)), keras_params)
+
+
+def test_grouped_state_checkpoints_and_resumes(tmp_path):
+    params, grads = problem(seed=5, steps=12)
+    tx = adamax(0.05, use_ema=True, gradient_accumulation_steps=2)
+    straight, _ = run_ours(tx, params, grads)
+    half, state = run_ours(tx, params, grads[:5])
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", {"params": half, "opt": state})
+    checkpointer.wait_until_finished()
+    target = {"params": half, "opt": tx.init(half)}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = checkpointer.restore(tmp_path / "ckpt", abstract)
+    assert jax.tree.structure(restored["opt"]) == jax.tree.structure(state)
+    resumed, _ = run_ours(tx, restored["params"], grads[5:], state=restored["opt"])
+    for key in SHAPES:
+        np.testing.assert_array_equal(resumed[key], straight[key])
+
+
+def test_a_gradient_of_another_shape_is_named():
+    params, grads = problem(steps=1)
+    tx = adamax()
+    state = tx.init(params)
+    wrong = dict(grads[0], **{"layer_07/bias": np.zeros(4, np.float32)})
+    with pytest.raises(ValueError, match=r"'layer_07/bias' has shape \(4,\)"):
+        jax.jit(tx.update)(wrong, state, params)
+    missing = {k: v for k, v in grads[0].items() if k != "layer_03/kernel"}
+    with pytest.raises(ValueError, match="no leaf 'layer_03/kernel'"):
+        tx.update(missing, state, params)
+
+
+def test_zero1_shards_the_stacks_evenly():
+    mesh = jax.make_mesh((1,), ("data",))
+    params, _ = problem()
+    tx = adamax(use_ema=True)
+    abstract = jax.eval_shape(tx.init, params)
+    shardings = adamax_optax.state_shardings(abstract, mesh, "data")
+    m = shardings["adamax"].m
+    assert isinstance(m, _grouping.Grouped)
+    stacks = [
+        s.spec
+        for s, p in zip(m.parts, abstract["adamax"].m.parts, strict=True)
+        if p.shape[0] == 16
+    ]
+    assert stacks and all(spec[0] == "data" for spec in stacks)
+    with_params = adamax_optax.state_shardings(
+        abstract,
+        mesh,
+        "data",
+        optimizer=tx,
+        param_shardings=jax.tree.map(
+            lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+            params,
+        ),
+    )
+    assert jax.tree.structure(with_params) == jax.tree.structure(shardings)
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    updates, _ = jax.jit(tx.update)(params, state, params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+def test_clipnorm_clips_each_stacked_leaf_alone():
+    """A closed form: each leaf of norm 5 clipped to norm 1 by itself."""
+    grads = {f"w{i:02d}": jnp.full((25,), 1.0 if i % 2 else 0.1) for i in range(18)}
+    tx = adamax_optax.keras_clipnorm(1.0)
+    view = _grouping.group(
+        grads, _grouping.layout_of(grads, jax.tree.map(lambda _: (), grads))
+    )
+    assert isinstance(view, _grouping.Grouped)
+    clipped = tx.update(view, tx.init(view))[0].ungroup()
+    for i in range(18):
+        expected = 0.2 if i % 2 else 0.1
+        np.testing.assert_allclose(clipped[f"w{i:02d}"], expected, rtol=1e-6)
