@@ -331,8 +331,8 @@ def state_mismatch(
     ):
         return (
             "The optimizer state holds the parameters' leaves grouped otherwise "
-            "than this optimizer groups them (a state saved before 0.3 keeps every "
-            "leaf alone; 0.3 stacks small leaves of one shape). Convert it with "
+            "than this optimizer groups them (it stacks small leaves of one shape; "
+            "a state may keep every leaf alone, or have other groups). Convert it with "
             "`adamax_optax.migrate_state(tx, old_state, params)`."
         )
     have, want = _components(state), _components(expected)

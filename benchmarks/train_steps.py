@@ -28,6 +28,7 @@ from peers import FULL_OPTIONS, optax_chain, with_ema
 from adamax_optax import adamax
 
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "sgd (the model's own step)": lambda: optax.sgd(0.01),
     "optax.adamax": lambda: optax.adamax(1e-3),
     "adamax_optax defaults": lambda: adamax(),
     "optax chain clip+decay+EMA": lambda: with_ema(optax_chain()),
