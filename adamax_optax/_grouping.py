@@ -101,8 +101,6 @@ def _stack(leaves: list[Any]) -> Any:
         return first
     if isinstance(first, jax.ShapeDtypeStruct):  # an abstract tree
         return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
-    if not all(jnp.shape(x) == jnp.shape(first) for x in leaves):
-        raise ValueError("a group's leaves differ in shape")  # checked before
     dtype = jnp.result_type(*leaves)
     return jax.lax.concatenate(
         [jax.lax.expand_dims(jnp.asarray(x, dtype), (0,)) for x in leaves], 0
@@ -150,8 +148,8 @@ class Grouped:
         return tuple(len(indices) > 1 for indices in self.layout.members)
 
     def __repr__(self) -> str:
-        sizes = [len(indices) for indices in self.layout.members]
-        return f"Grouped({len(self.layout.names)} leaves in {len(sizes)} parts)"
+        leaves, parts = len(self.layout.names), len(self.layout.members)
+        return f"Grouped({leaves} leaves in {parts} parts)"
 
 
 def is_grouped(x: Any) -> bool:

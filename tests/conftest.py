@@ -52,12 +52,16 @@ def assert_parity(ours: dict, reference: dict) -> None:
         assert error <= tolerance(ref), f"{key}: max error {error:.3g}"
 
 
-def make_problem(seed: int = 0, steps: int = 50, scale: float = 3.0):
-    """Initial params and a sequence of random gradients over ``SHAPES``."""
+def make_problem(
+    seed: int = 0, steps: int = 50, scale: float = 3.0, shapes: dict | None = None
+):
+    """Initial params and a sequence of random gradients over ``shapes``
+    (default ``SHAPES``)."""
+    shapes = SHAPES if shapes is None else shapes
     rng = np.random.default_rng(seed)
-    params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
     grads = [
-        {k: (scale * rng.normal(size=s)).astype(np.float32) for k, s in SHAPES.items()}
+        {k: (scale * rng.normal(size=s)).astype(np.float32) for k, s in shapes.items()}
         for _ in range(steps)
     ]
     return params, grads

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import assert_parity, run_ours
+from conftest import assert_parity, make_problem, run_ours
 from keras_oracle import run_keras
+from test_keras_parity import CONFIGS as KERAS_CONFIGS
+from test_keras_parity import build
 
 import adamax_optax
 from adamax_optax import _grouping, adamax, finalize_variable_values, migrate_state
@@ -28,41 +30,23 @@ SHAPES = {
 }
 
 
-def problem(seed: int = 0, steps: int = 30, scale: float = 3.0):
-    rng = np.random.default_rng(seed)
-    params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
-    grads = [
-        {k: (scale * rng.normal(size=s)).astype(np.float32) for k, s in SHAPES.items()}
-        for _ in range(steps)
-    ]
-    return params, grads
+def problem(seed: int = 0, steps: int = 30):
+    return make_problem(seed, steps, shapes=SHAPES)
 
 
+# Keras' parity configurations, one of each kind of option, on grouped leaves.
 CONFIGS = {
-    "defaults": {},
-    "weight_decay_excluded": {
-        "learning_rate": 0.05,
-        "weight_decay": 0.1,
-        "exclude_from_weight_decay": ["bias"],
-    },
-    "clipnorm": {"learning_rate": 0.05, "clipnorm": 0.5},
-    "global_clipnorm": {"learning_rate": 0.05, "global_clipnorm": 1.0},
-    "clipvalue": {"learning_rate": 0.05, "clipvalue": 0.3},
-    "ema_overwrite": {
-        "learning_rate": 0.05,
-        "use_ema": True,
-        "ema_momentum": 0.8,
-        "ema_overwrite_frequency": 4,
-    },
-    "everything_with_accumulation": {
-        "learning_rate": 0.05,
-        "beta_1": 0.8,
-        "weight_decay": 0.02,
-        "clipnorm": 1.0,
-        "loss_scale_factor": 4.0,
-        "gradient_accumulation_steps": 3,
-        "exclude_from_weight_decay": ["bias"],
-    },  # Keras moves its EMA on micro-steps (a departure): EMA compared above
+    name: KERAS_CONFIGS[name]
+    for name in (
+        "defaults",
+        "weight_decay_excluded",
+        "clipnorm",
+        "global_clipnorm",
+        "clipvalue",
+        "ema_overwrite",
+        "clip_decay_ema_scale",
+        "everything_but_ema_with_accumulation",
+    )
 }
 
 
@@ -100,8 +84,8 @@ def test_exclusions_never_share_a_stack():
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_grouped_parity_with_keras(config):
     params, grads = problem(seed=1)
-    keras_params, keras_ema = run_keras(params, grads, **config)
-    ours, state = run_ours(adamax(**config), params, grads)
+    keras_params, keras_ema = run_keras(params, grads, **build(config))
+    ours, state = run_ours(adamax(**build(config)), params, grads)
     assert_parity(ours, keras_params)
     if keras_ema is not None:
         assert_parity(finalize_variable_values(ours, state), keras_ema)
@@ -121,14 +105,14 @@ def test_defaults_are_bit_identical_grouped_or_not(monkeypatch):
 def test_a_per_leaf_state_migrates_to_grouped_and_back(monkeypatch):
     """A state saved before grouping (every leaf alone) continues grouped, and
     a grouped state converts back, both as Keras continuing."""
-    config = CONFIGS["everything_with_accumulation"]
+    config = CONFIGS["everything_but_ema_with_accumulation"]
     params, grads = problem(seed=3)
-    keras_params, _ = run_keras(params, grads, **config)
+    keras_params, _ = run_keras(params, grads, **build(config))
     monkeypatch.setattr(_grouping, "MAX_MEMBERS", 1)
-    per_leaf_tx = adamax(**config)
+    per_leaf_tx = adamax(**build(config))
     half, per_leaf_state = run_ours(per_leaf_tx, params, grads[:10])
     monkeypatch.undo()
-    tx = adamax(**config)
+    tx = adamax(**build(config))
     # As it is, a per-leaf state still runs (leaf by leaf, as it was saved).
     _, as_saved = tx.update(grads[10], per_leaf_state, half)
     assert as_saved["accumulate"].accumulator.keys() == SHAPES.keys()
