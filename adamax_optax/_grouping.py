@@ -116,7 +116,22 @@ def _unstack(part: Any, count: int) -> list[Any]:
         return [jax.ShapeDtypeStruct(part.shape[1:], part.dtype)] * count
     if isinstance(part, bool | np.bool_):  # a label mask's entry
         return [part] * count
+    part = _whole_on_axis_0(part)
     return [jax.lax.index_in_dim(part, i, keepdims=False) for i in range(count)]
+
+
+def _whole_on_axis_0(part: jax.Array) -> jax.Array:
+    """``part``, gathered along its stacking axis where that axis is split over
+    explicit mesh axes (jax cannot slice one member out of a split axis; a
+    state sharded by a rule of its own may split it)."""
+    sharding = getattr(jax.typeof(part), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or spec[0] is None:
+        return part
+    if jax.sharding.AxisType.Explicit not in getattr(sharding.mesh, "axis_types", ()):
+        return part
+    whole = jax.sharding.PartitionSpec(None, *spec[1:])
+    return jax.sharding.reshard(part, jax.sharding.NamedSharding(sharding.mesh, whole))
 
 
 @jax.tree_util.register_pytree_with_keys_class

@@ -36,7 +36,8 @@ OPTIONS = dict(
     ema_momentum=0.9,
     gradient_accumulation_steps=2,
 )
-SHAPES = {"kernel": (16, 8), "bias": (8,)}
+# "bias" and "gain" share a shape: the optimizer keeps their state stacked.
+SHAPES = {"kernel": (16, 8), "bias": (8,), "gain": (8,)}
 STEPS = 6
 
 
@@ -73,8 +74,12 @@ def main(process_id: int, port: int, out: str) -> None:
     p = {k: global_array(v) for k, v in params.items()}
     shardings = state_shardings(jax.eval_shape(tx.init, p), mesh, "data")
     state = jax.jit(tx.init, out_shardings=shardings)(p)
-    kernel_m = state["accumulate"].inner_state["adamax"].m["kernel"]
+    m = state["accumulate"].inner_state["adamax"].m
+    # The kernel (alone) and the stack of bias and gain, each split 8 ways.
+    by_kind = dict(zip(m.stacked(), m.parts, strict=True))
+    kernel_m, stack_m = by_kind[False], by_kind[True]
     assert kernel_m.addressable_shards[0].data.shape == (2, 8)  # 16 rows / 8
+    assert stack_m.addressable_shards[0].data.shape == (2, 1), stack_m.sharding
 
     param_sh = {k: replicated for k in SHAPES}
 

@@ -9,6 +9,8 @@ and the state sharded like the parameters or unlike them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from adamax_optax import adamax, finalize_variable_values
+from adamax_optax._grouping import Grouped
 
 
 def assert_trees_close(ours, reference, label) -> None:
@@ -28,14 +31,31 @@ def assert_trees_close(ours, reference, label) -> None:
         assert error <= 1e-6 * (1 + np.max(np.abs(ref))), (label, error)
 
 
+def parts_by_leaf(view: Grouped) -> dict[str, Any]:
+    """A grouped view's parts, each named by its leaves (``"bias+gain"``)."""
+    assert isinstance(view, Grouped), view
+    names = view.layout.names
+    return {
+        "+".join(names[i] for i in indices): part
+        for indices, part in zip(view.layout.members, view.parts, strict=True)
+    }
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-    specs = {"kernel": P("data", "model"), "bias": P("model"), "scale": P()}
+    # "bias" and "gain" share a shape and a sharding: their state is stacked.
+    specs = {
+        "kernel": P("data", "model"),
+        "bias": P("model"),
+        "gain": P("model"),
+        "scale": P(),
+    }
     rng = np.random.default_rng(0)
     params = {
         "kernel": rng.normal(size=(16, 8)).astype(np.float32),
         "bias": rng.normal(size=(8,)).astype(np.float32),
+        "gain": rng.normal(size=(8,)).astype(np.float32),
         "scale": rng.normal(size=(3,)).astype(np.float32),
     }
     grads = [
@@ -79,18 +99,27 @@ def main() -> None:
     single, single_state = train(params, grads, shard=False)
     sharded, sharded_state = train(params, grads, shard=True)
 
-    # The state takes the parameters' sharding.
+    # The state takes the parameters' sharding (a stack: its members', after
+    # the stacking axis).
     inner = sharded_state.inner_state["accumulate"].inner_state
+    expected = {
+        "kernel": P("data", "model"),
+        "bias+gain": P(None, "model"),
+        "scale": P(),
+    }
+    for view in (
+        inner["adamax"].m,
+        inner["adamax"].u,
+        inner["ema"].ema,
+        sharded_state.inner_state["accumulate"].accumulator,
+    ):
+        parts = parts_by_leaf(view)
+        assert parts.keys() == expected.keys(), parts.keys()
+        for key, spec in expected.items():
+            assert parts[key].sharding.is_equivalent_to(
+                NamedSharding(mesh, spec), parts[key].ndim
+            ), (key, parts[key].sharding)
     for key, spec in specs.items():
-        for tree in (
-            inner["adamax"].m,
-            inner["adamax"].u,
-            inner["ema"].ema,
-            sharded_state.inner_state["accumulate"].accumulator,
-        ):
-            assert tree[key].sharding.is_equivalent_to(
-                NamedSharding(mesh, spec), tree[key].ndim
-            ), (key, tree[key].sharding)
         assert sharded[key].sharding.is_equivalent_to(
             NamedSharding(mesh, spec), sharded[key].ndim
         )
@@ -100,7 +129,7 @@ def main() -> None:
     p0 = on_mesh(params)
     clipped = jax.jit(clip.update)(on_mesh(grads[0]), clip.init(p0), p0)
     clipped = clipped[1]["adamax"].m
-    norm = np.sqrt(sum(float(jnp.sum(jnp.square(v))) for v in clipped.values()))
+    norm = np.sqrt(sum(float(jnp.sum(jnp.square(v))) for v in jax.tree.leaves(clipped)))
     assert abs(norm - 1.0) < 1e-5, norm
 
     assert_trees_close(sharded, single, "params")
@@ -137,8 +166,8 @@ def explicit_axes_and_unlike_state() -> None:
     axes, the state sharded like the parameters or unlike them: equal to the
     single-device run, and the state keeps its sharding."""
     rng = np.random.default_rng(1)
-    shapes = {"kernel": (16, 8), "bias": (8,)}
-    specs = {"kernel": P("data", "model"), "bias": P("model")}
+    shapes = {"kernel": (16, 8), "bias": (8,), "gain": (8,)}  # bias, gain stacked
+    specs = {"kernel": P("data", "model"), "bias": P("model"), "gain": P("model")}
     params = {k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
     grads = [
         {k: (5 * rng.normal(size=v)).astype(np.float32) for k, v in shapes.items()}

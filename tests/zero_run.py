@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from sharded_run import EXPLICIT_CONFIGS, assert_trees_close
+from sharded_run import EXPLICIT_CONFIGS, assert_trees_close, parts_by_leaf
 
 from adamax_optax import (
     adamax,
@@ -27,7 +27,8 @@ from adamax_optax import (
     state_shardings,
 )
 
-SHAPES = {"kernel": (64, 32), "bias": (32,), "odd": (7,)}
+# "bias" and "gain" share a shape: the optimizer keeps their state stacked.
+SHAPES = {"kernel": (64, 32), "bias": (32,), "gain": (32,), "odd": (7,)}
 OPTIONS = EXPLICIT_CONFIGS["every option"]
 
 
@@ -114,16 +115,18 @@ def main() -> None:
         with jax.set_mesh(mesh):
             specs = {k: P() for k in SHAPES}
             shardings = zero(tx, params, grads, mesh, specs, expected)
-        m = shardings.inner_state["accumulate"].inner_state["adamax"].m
+        m = parts_by_leaf(shardings.inner_state["accumulate"].inner_state["adamax"].m)
         assert m["kernel"].spec == P("data", None)
+        assert m["bias+gain"].spec == P(None, "data")  # each member split 8 ways
         assert all(entry is None for entry in m["odd"].spec)  # 7 does not split
         # FSDP plus ZeRO: the kernel sharded on "model", its state on both.
         mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
         with jax.set_mesh(mesh):
-            specs = {"kernel": P(None, "model"), "bias": P(), "odd": P()}
+            specs = {"kernel": P(None, "model"), "bias": P(), "gain": P(), "odd": P()}
             shardings = zero(tx, params, grads, mesh, specs, expected)
-        m = shardings.inner_state["accumulate"].inner_state["adamax"].m
+        m = parts_by_leaf(shardings.inner_state["accumulate"].inner_state["adamax"].m)
         assert m["kernel"].spec == P("data", "model"), m["kernel"].spec
+        assert m["bias+gain"].spec == P(None, "data"), m["bias+gain"].spec
     print("ZERO OK")
 
 
