@@ -262,7 +262,14 @@ def find_states(tree: Any, kinds: type | tuple[type, ...]) -> list[Any]:
 def check_float_params(params: Any, transform_name: str) -> None:
     """Parameters must be real or complex floating point, never integers."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dtype = jnp.result_type(leaf)
+        try:
+            dtype = jnp.result_type(leaf)
+        except TypeError:  # a string, or any object that is not a number
+            raise TypeError(
+                f"`{transform_name}` can only update floating-point (real or "
+                f"complex) parameters; leaf {key_path_name(path)!r} is "
+                f"{leaf!r:.60} of type {type(leaf).__name__}, not an array."
+            ) from None
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
                 f"`{transform_name}` can only update floating-point (real or "

@@ -1004,7 +1004,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{row['adamax_optax_compile_s']:5.1f} s, optax "
             f"{row['optax_compile_s']:5.1f} s"
         )
-    train_steps = [row for name in args.train_models for row in run_model(name, 3)]
+    train_steps = [row for name in args.train_models for row in run_model(name)]
     if train_steps:
         print_rows(train_steps)
     result = dict(

@@ -14,6 +14,9 @@ Each step is ``value_and_grad`` of the model's loss, the optimizer's ``update`` 
 
 from __future__ import annotations
 
+import argparse
+import json
+import pathlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,59 +59,126 @@ def train_step(tx: optax.GradientTransformation, loss_fn: Callable[..., Any]):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def run_model(name: str, repeats: int) -> list[dict[str, Any]]:
-    """Compile and time every optimizer on one model."""
+def run_model(
+    name: str, rounds: int = 5, steps: int = 3, compile_rounds: int = 3
+) -> list[dict[str, Any]]:
+    """Compile and time every optimizer on one model, interleaved.
+
+    Each round compiles (or runs) every optimizer once, in turn, so that a slow
+    spell of the machine falls on all of them; a row gives the median over the
+    rounds and, for its ratios to the model's own SGD step and to its optax
+    peer, the median and the range of the ratios taken within each round.
+    """
     params, batch, loss_fn = MODELS[name]()
     leaves = len(jax.tree.leaves(params))
     size = sum(x.size for x in jax.tree.leaves(params))
-    rows = []
-    for label, make in OPTIMIZERS.items():
-        tx = make()
-        fresh = jax.tree.map(jnp.array, params)
-        state = tx.init(fresh)
-        start = time.perf_counter()
-        compiled = train_step(tx, loss_fn).lower(fresh, state, batch).compile()
-        compile_s = time.perf_counter() - start
-        ops = sum(1 for line in compiled.as_text().splitlines() if " = " in line)
-        times = []
-        for _ in range(repeats + 1):
+    optimizers = {label: make() for label, make in OPTIMIZERS.items()}
+    compile_s: dict[str, list[float]] = {label: [] for label in optimizers}
+    compiled: dict[str, Any] = {}
+    for _ in range(compile_rounds):
+        for label, tx in optimizers.items():
+            state = jax.eval_shape(tx.init, params)
             start = time.perf_counter()
-            fresh, state, loss = compiled(fresh, state, batch)
-            jax.block_until_ready((fresh, state, loss))
-            times.append(time.perf_counter() - start)
-        rows.append(
-            dict(
-                model=name,
-                leaves=leaves,
-                parameters=int(size),
-                case=label,
-                compile_s=compile_s,
-                hlo_ops=ops,
-                step_ms=float(np.median(times[1:])) * 1e3,
+            compiled[label] = (
+                train_step(tx, loss_fn).lower(params, state, batch).compile()
             )
+            compile_s[label].append(time.perf_counter() - start)
+    step_ms: dict[str, list[float]] = {label: [] for label in optimizers}
+    for _ in range(rounds):
+        for label, tx in optimizers.items():
+            fresh = jax.tree.map(jnp.array, params)
+            state = tx.init(fresh)
+            fresh, state, loss = compiled[label](fresh, state, batch)  # warm-up
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                fresh, state, loss = compiled[label](fresh, state, batch)
+                jax.block_until_ready((fresh, state, loss))
+                times.append(time.perf_counter() - start)
+            step_ms[label].append(float(np.median(times)) * 1e3)
+            del fresh, state, loss
+    sgd = next(iter(OPTIMIZERS))
+    rows = []
+    for label, exe in compiled.items():
+        row = dict(
+            model=name,
+            leaves=leaves,
+            parameters=int(size),
+            case=label,
+            command=f"python benchmarks/train_steps.py {name}",
+            compile_s=float(np.median(compile_s[label])),
+            hlo_ops=sum(1 for line in exe.as_text().splitlines() if " = " in line),
+            step_ms=float(np.median(step_ms[label])),
+            step_over_sgd=_ratio(step_ms[label], step_ms[sgd]),
+            compile_added_over_sgd=_ratio(
+                np.subtract(compile_s[label], compile_s[sgd]), compile_s[sgd]
+            ),
         )
-        del fresh, state, compiled
-    by_case = {row["case"]: row for row in rows}
-    for row in rows:
-        peer = PEERS.get(row["case"])
-        if peer in by_case:
+        peer = PEERS.get(label)
+        if peer is not None:
             row["peer"] = peer
-            row["compile_over_peer"] = row["compile_s"] / by_case[peer]["compile_s"]
-            row["step_over_peer"] = row["step_ms"] / by_case[peer]["step_ms"]
+            row["step_over_peer"] = _ratio(step_ms[label], step_ms[peer])
+            row["compile_over_peer"] = _ratio(compile_s[label], compile_s[peer])
+        rows.append(row)
     return rows
 
 
+def _ratio(values: Any, references: Any) -> dict[str, float]:
+    """The ratios of paired measurements (one pair a round): median and range."""
+    ratios = np.asarray(values, float) / np.asarray(references, float)
+    return dict(
+        median=float(np.median(ratios)),
+        low=float(np.min(ratios)),
+        high=float(np.max(ratios)),
+    )
+
+
+def _show(ratio: dict[str, float] | None) -> str:
+    if ratio is None:
+        return ""
+    return f"{ratio['median']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"
+
+
 def print_rows(rows: list[dict[str, Any]]) -> None:
+    """The table: medians over the rounds; ratios as median [low, high]."""
     header = (
-        f"{'model':7s} {'case':34s} {'compile s':>9s} {'x peer':>7s} "
-        f"{'HLO ops':>8s} {'step ms':>9s} {'x peer':>7s}"
+        f"{'model':6s} {'case':33s} {'step ms':>8s} {'x sgd':>18s} {'x peer':>18s} "
+        f"{'compile s':>9s} {'added x sgd':>18s} {'x peer':>18s}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
-        cpeer = f"{r['compile_over_peer']:.2f}" if "compile_over_peer" in r else ""
-        speer = f"{r['step_over_peer']:.2f}" if "step_over_peer" in r else ""
         print(
-            f"{r['model']:7s} {r['case']:34s} {r['compile_s']:9.1f} {cpeer:>7s} "
-            f"{r['hlo_ops']:8d} {r['step_ms']:9.1f} {speer:>7s}"
+            f"{r['model']:6s} {r['case']:33s} {r['step_ms']:8.1f} "
+            f"{_show(r['step_over_sgd']):>18s} {_show(r.get('step_over_peer')):>18s} "
+            f"{r['compile_s']:9.1f} {_show(r['compile_added_over_sgd']):>18s} "
+            f"{_show(r.get('compile_over_peer')):>18s}"
         )
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/train_steps.py",
+        description="Whole training steps of the benchmark models: step and "
+        "compile time of each optimizer, as ratios to the model's own SGD step "
+        "and to the optax peer, interleaved rounds in one process.",
+    )
+    parser.add_argument("models", nargs="+", choices=sorted(MODELS))
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
+    parser.add_argument("--steps", type=int, default=3, help="steps timed a round")
+    parser.add_argument("--compile-rounds", type=int, default=3)
+    parser.add_argument("--json", default="train_steps.json")
+    args = parser.parse_args(argv)
+    print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0]}")
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args.rounds, args.steps, args.compile_rounds)
+        print_rows([row for row in rows if row["model"] == name])
+    result = dict(jax=jax.__version__, device=str(jax.devices()[0]), rows=rows)
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -89,6 +89,13 @@ def test_integer_parameters_are_rejected_at_init():
         adamax().init({"w": jnp.ones(2), "step": jnp.zeros((), jnp.int32)})
 
 
+@pytest.mark.parametrize("leaf", ["relu", object()])
+def test_a_leaf_that_is_not_a_number_is_named_at_init(leaf):
+    # numpy alone would say "data type 'relu' not understood".
+    with pytest.raises(TypeError, match=r"leaf 'activation' is .* not an array"):
+        adamax().init({"w": jnp.ones(2), "activation": leaf})
+
+
 def test_integer_gradients_are_rejected():
     tx = adamax()
     state = tx.init(jnp.ones(2))
