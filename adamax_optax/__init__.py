@@ -18,6 +18,8 @@ from adamax_optax._accumulation import accumulate_gradients as accumulate_gradie
 from adamax_optax._adamax import ScaleByKerasAdamaxState as ScaleByKerasAdamaxState
 from adamax_optax._adamax import scale_by_keras_adamax as scale_by_keras_adamax
 from adamax_optax._alias import adamax as adamax
+from adamax_optax._chain import chain as chain
+from adamax_optax._chain import named_chain as named_chain
 from adamax_optax._clipping import keras_clipnorm as keras_clipnorm
 from adamax_optax._clipping import keras_clipvalue as keras_clipvalue
 from adamax_optax._clipping import keras_global_clipnorm as keras_global_clipnorm
@@ -42,9 +44,6 @@ from adamax_optax._learning_rate import (
 from adamax_optax._loss_scale import StaticLossScaleState as StaticLossScaleState
 from adamax_optax._loss_scale import unscale_gradients as unscale_gradients
 from adamax_optax._migration import migrate_state as migrate_state
-from adamax_optax._runner import block as block
-from adamax_optax._runner import chain as chain
-from adamax_optax._runner import named_chain as named_chain
 from adamax_optax._sharding import state_shardings as state_shardings
 from adamax_optax._skip_nonfinite import SkipNonfiniteState as SkipNonfiniteState
 from adamax_optax._skip_nonfinite import skip_nonfinite as skip_nonfinite
@@ -52,6 +51,7 @@ from adamax_optax._state import get_iterations as get_iterations
 from adamax_optax._state import get_learning_rate as get_learning_rate
 from adamax_optax._state import get_loss_scale as get_loss_scale
 from adamax_optax._state import get_skipped_steps as get_skipped_steps
+from adamax_optax._state import has_updated as has_updated
 from adamax_optax._weight_decay import decoupled_weight_decay as decoupled_weight_decay
 
 try:
@@ -70,7 +70,6 @@ __all__ = [
     "__version__",
     "accumulate_gradients",
     "adamax",
-    "block",
     "chain",
     "decoupled_weight_decay",
     "dynamic_loss_scale",
@@ -83,6 +82,7 @@ __all__ = [
     "get_learning_rate",
     "get_loss_scale",
     "get_skipped_steps",
+    "has_updated",
     "keras_clipnorm",
     "keras_clipvalue",
     "keras_global_clipnorm",

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from jax.typing import DTypeLike
 
-from adamax_optax import _common, _runner, _validation
+from adamax_optax import _common, _gate, _runner, _validation
 from adamax_optax._learning_rate import accumulating
 
 
@@ -18,7 +18,7 @@ class AccumulateGradientsState(NamedTuple):
     """State of :func:`accumulate_gradients`.
 
     Attributes:
-      mini_step: micro-steps already taken in the current group (int32, in
+      micro_step: micro-steps already taken in the current group (int32, in
         ``0 .. N - 1``).
       weight_sum: the sum of the group's weights so far (float32; each call
         weighs 1 unless it passes ``weight``); after an update it still holds
@@ -34,7 +34,7 @@ class AccumulateGradientsState(NamedTuple):
         last micro-step of each group.
     """
 
-    mini_step: jax.Array
+    micro_step: jax.Array
     weight_sum: jax.Array
     accumulator: optax.Updates
     inner_state: optax.OptState
@@ -60,10 +60,10 @@ def group_step(
     flush: jax.Array,
 ) -> GroupStep:
     """Where a call with ``weight`` (and ``flush``) falls in the current group."""
-    first = state.mini_step == 0
+    first = state.micro_step == 0
     weight_sum = jnp.where(first, weight, state.weight_sum + weight)
     # ``>=``: a group migrated from a larger N ends on its next call.
-    return GroupStep(first, (state.mini_step >= steps - 1) | flush, weight_sum)
+    return GroupStep(first, (state.micro_step >= steps - 1) | flush, weight_sum)
 
 
 def add_to_group(
@@ -145,7 +145,7 @@ def accumulate_gradients(
     gradient_accumulation_steps: int,
     *,
     state_dtype: DTypeLike | None = None,
-    gating: _runner.Gating | None = None,
+    gating: _gate.Gating | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Applies ``inner`` once every ``N`` calls, to the mean of their gradients.
 
@@ -239,72 +239,56 @@ def accumulate_gradients(
     """
     check_gradient_accumulation_steps(gradient_accumulation_steps)
     _validation.check_state_dtype(state_dtype)
-    gating = _runner.nested_gating(gating, inner)
-    inner = optax.with_extra_args_support(inner)
     steps = gradient_accumulation_steps
 
-    def init_fn(params: optax.Params) -> AccumulateGradientsState:
+    def init(params: optax.Params) -> AccumulateGradientsState:
         _common.check_float_params(params, "accumulate_gradients")
-        with accumulating(steps):  # a schedule's first step is N - 1
-            inner_state = inner.init(params)
         return AccumulateGradientsState(
-            mini_step=jnp.zeros([], jnp.int32),
+            micro_step=jnp.zeros([], jnp.int32),
             weight_sum=jnp.zeros([], jnp.float32),
             accumulator=_common.zeros_like_in(params, state_dtype),
-            inner_state=inner_state,
+            inner_state=None,
         )
 
-    def update_fn(
-        updates: optax.Updates,
+    def decide(
+        raw_updates: optax.Updates,
+        leaf_map: _gate.LeafMap | None,
         state: AccumulateGradientsState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, AccumulateGradientsState]:
+        params: optax.Params | None,
+        extra_args: dict[str, Any],
+    ) -> _runner.GatedCall:
+        updates = _gate.mapped(raw_updates, leaf_map)
         _common.check_updates_match(updates, state.accumulator, "accumulate_gradients")
         weight, flush = group_arguments(extra_args)
         step = group_step(state, steps, weight, flush)
         accumulator = add_to_group(state.accumulator, updates, weight, step)
-
-        def advance_inner(inner_state: Any, operands: Any) -> Any:
-            mean, current = operands
-            mean = as_gradients(mean, updates)
-            with accumulating(steps):
-                return inner.update(mean, inner_state, current, **extra_args)[1]
-
-        new_state = AccumulateGradientsState(
-            mini_step=jnp.where(step.last, 0, state.mini_step + 1).astype(jnp.int32),
+        new_state = state._replace(
+            micro_step=jnp.where(step.last, 0, state.micro_step + 1).astype(jnp.int32),
             weight_sum=step.weight_sum,
             accumulator=accumulator,
-            inner_state=_runner.gate(
-                step.is_update,
-                advance_inner,
-                state.inner_state,
-                (accumulator, params),
-                gating,
-            ),
         )
-        return emit_fn(updates, state, new_state, params, **extra_args), new_state
+        # The group's mean, read in the gradients' dtypes inside the gate.
+        return _runner.GatedCall(
+            step.is_update,
+            new_state,
+            accumulator,
+            inside=lambda mean: as_gradients(mean, updates),
+        )
 
-    def emit_fn(
-        updates: optax.Updates,
-        state: AccumulateGradientsState,
-        new_state: AccumulateGradientsState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> optax.Updates:
-        group_arguments(extra_args)  # consumed here, not handed to ``inner``
-        mean = as_gradients(new_state.accumulator, updates)
-        with accumulating(steps):
-            emitted = _runner.emit_updates(
-                inner,
-                mean,
-                state.inner_state,
-                new_state.inner_state,
-                params,
-                **extra_args,
-            )
+    def emitted(updates, state, new_state, extra_args):
+        group_arguments(extra_args)  # checked here too, for an emit alone
+        return as_gradients(new_state.accumulator, updates)
+
+    def ran(new_state: AccumulateGradientsState) -> jax.Array:
         # An update ends its group (the micro-step returns to 0) with weight.
-        updated = (new_state.mini_step == 0) & (new_state.weight_sum > 0)
-        return _runner.select(updated, emitted)
+        return (new_state.micro_step == 0) & (new_state.weight_sum > 0)
 
-    return _runner.Composite(init_fn, update_fn, emit_fn, (inner,), gating)
+    return _runner.gated(
+        inner,
+        gating,
+        init=init,
+        decide=decide,
+        emitted=emitted,
+        ran=ran,
+        context=lambda: accumulating(steps),  # a schedule's first step is N - 1
+    )

@@ -10,8 +10,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adamax_optax import _common, _validation
-from adamax_optax._runner import Block
+from adamax_optax import _common, _runner, _validation
 
 
 class ScaleByKerasAdamaxState(NamedTuple):
@@ -46,8 +45,10 @@ def scale_by_keras_adamax(
 
     Chain it with a learning rate (``optax.scale(-lr)`` or
     :func:`scale_by_keras_learning_rate`) to get Keras' step
-    ``w = w - lr * direction``. This is not ``optax.scale_by_adamax``, which keeps
-    epsilon inside the maximum and has no bias correction of its own.
+    ``w = w - lr * direction``. This is not ``optax.scale_by_adamax``, which adds
+    epsilon inside the maximum, ``u = max(|g| + epsilon, beta_2 * u)`` (with the
+    same bias correction of ``m``): with equal epsilon the first steps agree,
+    and later ones differ wherever the decayed maximum wins.
 
     The arithmetic runs in the widest of float32 and the dtypes involved (float32
     for bfloat16, float16 and float32; float64 for float64); ``m`` and ``u`` are
@@ -158,4 +159,4 @@ def scale_by_keras_adamax(
 
         return jax.tree.map(direction, updates, new_state.m, new_state.u)
 
-    return Block.from_phases(init_fn, advance, emit)
+    return _runner.from_phases(init_fn, advance, emit)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -11,7 +10,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adamax_optax import _common, _grouping, _runner, _validation
+from adamax_optax import _chain, _common, _gate, _grouping, _runner, _validation
 from adamax_optax._accumulation import (
     accumulate_gradients,
     check_gradient_accumulation_steps,
@@ -80,7 +79,7 @@ def adamax(
     exclude_from_ema: ExcludeFromWeightDecay = None,
     skip_nonfinite: bool = False,
     skip_norm_above: ArrayLike | None = None,
-    gating: _runner.Gating | None = None,
+    gating: _gate.Gating | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keras' ``Adamax`` optimizer, every option included, as an optax transform.
 
@@ -169,11 +168,12 @@ def adamax(
         :func:`get_skipped_steps` counts the skipped calls.
       skip_norm_above: with ``skip_nonfinite``, also skip a call whose global
         gradient norm (before clipping) exceeds this, > 0, or ``None``.
-      gating: how a call that leaves the state alone (an accumulation
-        micro-step, a skipped step) is compiled: ``"loop"``,
-        ``"cond"``, ``"where"`` (computes the inner update and selects), or
-        ``None`` for the backend's default. All give the same results; see
-        :func:`accumulate_gradients` and the performance page of the docs.
+      gating: an expert setting, for measuring: how a call that leaves the
+        state alone (an accumulation micro-step, a skipped step) is compiled:
+        ``"loop"``, ``"cond"``, ``"where"`` (computes the inner update and
+        selects), or ``None``, the default, which compiles to the form
+        measured best on every backend measured. All give the same results;
+        see the performance page of the docs.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -210,7 +210,7 @@ def adamax(
     if gradient_accumulation_steps is not None:
         check_gradient_accumulation_steps(gradient_accumulation_steps)
     scaling = _dynamic_loss_scale_settings(dynamic_loss_scale)
-    _runner.check_gating(gating)
+    _gate.check_gating(gating)
     _warn_without_effect(
         ema_overwrite_frequency is not None and not use_ema,
         f"`ema_overwrite_frequency={ema_overwrite_frequency}` has no effect "
@@ -295,7 +295,7 @@ def adamax(
 
     if gradient_accumulation_steps is not None:
         accumulate = accumulate_gradients(
-            _runner.named_chain(*update_chain),
+            _chain.named_chain(*update_chain),
             gradient_accumulation_steps,
             state_dtype=state_dtype,
             gating=gating,
@@ -303,7 +303,7 @@ def adamax(
         update_chain = [("accumulate", accumulate)]
     if skip_nonfinite:
         protected = wrap_skip_nonfinite(
-            _runner.named_chain(*update_chain),
+            _chain.named_chain(*update_chain),
             skip_norm_above=skip_norm_above,
             gating=gating,
         )
@@ -312,7 +312,7 @@ def adamax(
     if loss_scale_factor is not None:
         chain.append(("loss_scale", unscale_gradients(loss_scale_factor)))
     chain.extend(update_chain)
-    optimizer: optax.GradientTransformationExtraArgs = _runner.named_chain(*chain)
+    optimizer: optax.GradientTransformationExtraArgs = _chain.named_chain(*chain)
     if scaling is not None:
         optimizer = wrap_dynamic_loss_scale(optimizer, **scaling, gating=gating)
     # Small leaves of one shape run stacked (multi-tensor); the exclusions
@@ -326,18 +326,6 @@ def adamax(
     return _cast_on_entry(
         optimizer, arguments, accumulates=gradient_accumulation_steps is not None
     )
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class AdamaxUpdate:
-    """The update function of an :func:`adamax` optimizer; it keeps the
-    arguments the optimizer was built with, for :func:`get_config`."""
-
-    update: Any
-    arguments: Mapping[str, Any]
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.update(*args, **kwargs)
 
 
 def _cast_on_entry(
@@ -373,11 +361,12 @@ def _cast_on_entry(
             optimizer, updates, state, new_state, params, **extra_args
         )
 
-    return _runner.Composite(
+    return _runner.transformation(
         optimizer.init,
-        AdamaxUpdate(update, arguments),
-        emit_updates,
-        (optimizer,),
+        update,
+        emit=emit_updates,
+        members=(optimizer,),
+        arguments=arguments,
     )
 
 
@@ -400,15 +389,15 @@ def arguments_of(
     Raises:
       ValueError: if ``optimizer`` was not built by :func:`adamax`.
     """
-    update = getattr(optimizer, "update", None)
-    if not isinstance(update, AdamaxUpdate):
+    arguments = getattr(_runner.phases_of(optimizer), "arguments", None)
+    if arguments is None:
         raise ValueError(
             f"`{caller}` needs an optimizer built by `adamax_optax.adamax(...)`; "
             f"received {type(optimizer).__name__}. (An optimizer wrapped by "
             "`optax.inject_hyperparams` or `optax.chain` has no config of its "
             "own: keep the arguments you built it with.)"
         )
-    return dict(update.arguments)
+    return dict(arguments)
 
 
 def _warn_without_effect(condition: bool, message: str) -> None:

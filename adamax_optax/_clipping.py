@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from adamax_optax import _common, _grouping, _runner, _validation
+from adamax_optax import _common, _gate, _grouping, _validation
 
 
 def _in_compute_dtype(fn: Callable[[jax.Array], jax.Array], g: jax.Array) -> jax.Array:
@@ -59,7 +59,7 @@ def _abs_sq(g: jax.Array) -> jax.Array:
 
 
 def global_norm(
-    updates: optax.Updates, leaf_map: _runner.LeafMap | None = None
+    updates: optax.Updates, leaf_map: _gate.LeafMap | None = None
 ) -> jax.Array:
     """``sqrt(sum over leaves of sum(|g| ** 2))``, in the widest compute dtype
     (real); inside ``jit`` with sharded leaves the sums are global. With
@@ -68,7 +68,7 @@ def global_norm(
     dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
     squared = [
         jnp.sum(_abs_sq(g.astype(_common.compute_dtype(g.dtype)))).astype(dtype)
-        for g in jax.tree.leaves(_runner.mapped(_separate_read(updates), leaf_map))
+        for g in jax.tree.leaves(_gate.mapped(_separate_read(updates), leaf_map))
     ]
     if not squared:
         return jnp.zeros([], dtype)

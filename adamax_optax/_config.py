@@ -191,8 +191,9 @@ def from_keras_config(
     hold Keras' defaults. Either config may come as
     ``keras.optimizers.serialize`` writes it (``{"class_name": ..., "config":
     ...}``). A serialised Keras schedule is deserialised (this needs Keras
-    installed). ``name`` and ``jit_compile`` are accepted and ignored (no
-    variable names here; XLA compiles whatever you ``jax.jit``); any other key
+    installed). ``name`` and tf.keras' ``jit_compile`` (which Keras 3 refuses)
+    are accepted and ignored (no variable names here; XLA compiles whatever you
+    ``jax.jit``); any other key
     this library cannot honour is an error, never silently dropped.
 
     A bare config does not name its class, so its ``name`` must be Keras'

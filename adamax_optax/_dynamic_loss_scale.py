@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamax_optax import _common, _runner, _validation
+from adamax_optax import _common, _gate, _runner, _validation
 
 
 class DynamicLossScaleState(NamedTuple):
@@ -19,6 +19,8 @@ class DynamicLossScaleState(NamedTuple):
       good_steps: consecutive finite steps since the scale last changed (int32).
       skipped_steps: calls skipped for a non-finite gradient so far (int32);
         :func:`adamax_optax.get_skipped_steps` reads it.
+      last_skipped: whether the last call was skipped (bool);
+        :func:`adamax_optax.has_updated` reads it.
       inner_state: the wrapped transformation's state; a non-finite step leaves
         it bit-identical.
     """
@@ -26,6 +28,7 @@ class DynamicLossScaleState(NamedTuple):
     loss_scale: jax.Array
     good_steps: jax.Array
     skipped_steps: jax.Array
+    last_skipped: jax.Array
     inner_state: optax.OptState
 
 
@@ -81,7 +84,7 @@ def dynamic_loss_scale(
     factor: float = 2.0,
     min_loss_scale: float = 1.0,
     max_loss_scale: float | None = None,
-    gating: _runner.Gating | None = None,
+    gating: _gate.Gating | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wraps ``inner`` with dynamic loss scaling, as Keras' ``LossScaleOptimizer``.
 
@@ -97,8 +100,10 @@ def dynamic_loss_scale(
       becomes ``max(s / factor, min_loss_scale)``.
 
     Keras has neither a floor (``min_loss_scale``) nor a cap
-    (``max_loss_scale``); jmp has both. The defaults are Keras': floor 1, no
-    cap. The scale is float32 and the counters int32 whatever the parameters'
+    (``max_loss_scale``); jmp has a floor only. ``initial_scale``,
+    ``growth_steps`` and ``factor`` default to Keras' values, and there is no
+    cap, as in Keras; the floor of 1 is this library's (Keras halves without
+    bound). The scale is float32 and the counters int32 whatever the parameters'
     dtype.
     A skipped step copies nothing: ``inner`` advances behind a gate that is
     closed on a skipped step, and its updates are emitted after it from its new
@@ -132,15 +137,16 @@ def dynamic_loss_scale(
     check_dynamic_loss_scale_settings(
         initial_scale, growth_steps, factor, min_loss_scale, max_loss_scale
     )
-    gating = _runner.nested_gating(gating, inner)
-    inner = optax.with_extra_args_support(inner)
+    gating = _runner.nested_gating(gating, inner)  # the check's gating too
 
-    def init_fn(params: optax.Params) -> DynamicLossScaleState:
+    def init(params: optax.Params) -> DynamicLossScaleState:
+        del params
         return DynamicLossScaleState(
             loss_scale=jnp.asarray(initial_scale, _common.COMPUTE_DTYPE),
             good_steps=jnp.zeros([], jnp.int32),
             skipped_steps=jnp.zeros([], jnp.int32),
-            inner_state=inner.init(params),
+            last_skipped=jnp.asarray(False),
+            inner_state=None,
         )
 
     def next_scale(
@@ -159,51 +165,36 @@ def dynamic_loss_scale(
         good_steps = jnp.where(finite, finite_good_steps, 0).astype(jnp.int32)
         return loss_scale, good_steps
 
-    def update_fn(
-        updates: optax.Updates,
+    def decide(
+        raw_updates: optax.Updates,
+        leaf_map: _gate.LeafMap | None,
         state: DynamicLossScaleState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, DynamicLossScaleState]:
-        finite = _runner.all_finite(updates, gating)
-
+        params: optax.Params | None,
+        extra_args: dict[str, Any],
+    ) -> _runner.GatedCall:
+        updates = _gate.mapped(raw_updates, leaf_map)
+        finite = _gate.all_finite(updates, gating)
         # Applied behind the check of ``updates``: what it computes is kept for
         # finite gradients only (``"where"`` computes it always, then selects).
-        unscale = _runner.division_by(state.loss_scale, finite_input=True)
-
-        def advance_inner(inner_state: Any, operands: Any) -> Any:
-            grads, current = operands
-            # Unscaled inside the gate, or further in (``update_mapped``).
-            return _runner.update_mapped(
-                inner, grads, unscale, inner_state, current, **extra_args
-            )[1]
-
-        inner_state = _runner.gate(
-            finite, advance_inner, state.inner_state, (updates, params), gating
-        )
+        unscale = _gate.division_by(state.loss_scale, finite_input=True)
         loss_scale, good_steps = next_scale(finite, state)
-        skipped_steps = state.skipped_steps + jnp.where(finite, 0, 1)
-        new_state = DynamicLossScaleState(
-            loss_scale, good_steps, skipped_steps.astype(jnp.int32), inner_state
+        skipped = state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
+        new_state = state._replace(
+            loss_scale=loss_scale,
+            good_steps=good_steps,
+            skipped_steps=skipped,
+            last_skipped=~finite,
         )
-        return emit_fn(updates, state, new_state, params, **extra_args), new_state
+        return _runner.GatedCall(finite, new_state, updates, unscale)
 
-    def emit_fn(
-        updates: optax.Updates,
-        state: DynamicLossScaleState,
-        new_state: DynamicLossScaleState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> optax.Updates:
-        emitted = _runner.emit_updates(
-            inner,
-            _runner.mapped(updates, _runner.division_by(state.loss_scale)),
-            state.inner_state,
-            new_state.inner_state,
-            params,
-            **extra_args,
-        )
-        finite = new_state.skipped_steps == state.skipped_steps
-        return _runner.select(finite, emitted)
+    def emitted(updates, state, new_state, extra_args):
+        return _gate.mapped(updates, _gate.division_by(state.loss_scale))
 
-    return _runner.Composite(init_fn, update_fn, emit_fn, (inner,), gating)
+    return _runner.gated(
+        inner,
+        gating,
+        init=init,
+        decide=decide,
+        emitted=emitted,
+        ran=lambda new_state: ~new_state.last_skipped,
+    )

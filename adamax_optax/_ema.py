@@ -11,8 +11,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adamax_optax import _common, _grouping, _validation
-from adamax_optax._runner import Block
+from adamax_optax import _common, _grouping, _runner, _validation
 from adamax_optax._weight_decay import (
     ExcludeFromWeightDecay,
     exclusion_mask,
@@ -83,7 +82,7 @@ def parameter_ema(
         momentum = minimum(ema_momentum, (1 + c) / (10 + c))
 
     so that a short run's average is not dominated by its first weights: the
-    momentum is 0.18 on the second update, 0.5 on the ninth, 0.9 from the 82nd,
+    momentum is 0.18 on the second update, 0.5 on the ninth, 0.9 from the 81st,
     and reaches 0.99 only after about 900 updates.
 
     If ``ema_overwrite_frequency = F`` and ``k % F == 0`` the parameters become
@@ -205,7 +204,7 @@ def parameter_ema(
             overwritten, new_state.ema, updates, params, is_leaf=is_masked
         )
 
-    return Block.from_phases(init_fn, advance, emit)
+    return _runner.from_phases(init_fn, advance, emit)
 
 
 def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) -> Any:

@@ -348,4 +348,4 @@ def grouped(
             _runner.emit_updates(inner, updates, state, new_state, params, **extra_args)
         )
 
-    return _runner.Composite(init_fn, update_fn, emit_fn, (inner,))
+    return _runner.transformation(init_fn, update_fn, emit=emit_fn, members=(inner,))

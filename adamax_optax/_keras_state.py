@@ -166,7 +166,7 @@ def from_keras_optimizer(
     keras_state: dict[str, Any] = updates_state
     if steps > 1:
         keras_state = {
-            "mini_step": micro_step,
+            "micro_step": micro_step,
             "weight_sum": float(micro_step),
             "accumulator": _values(adamax_optimizer._accumulated_gradients),
             "inner_state": updates_state,
@@ -260,8 +260,9 @@ def to_keras_optimizer(
 
     Refused, with a ``ValueError`` naming it, is what Keras has no variable or
     setting for: ``skip_nonfinite``, ``ema_warmup``, ``exclude_from_ema``,
-    ``exclude_from_weight_decay`` (Keras excludes by variable name), a
-    ``state_dtype`` other than the parameters', an optax schedule, a loss scale
+    ``exclude_from_weight_decay`` (Keras holds no exclusion in its config or
+    its variables), a ``state_dtype`` other than the parameters', an optax
+    schedule, a loss scale
     with ``max_loss_scale`` or another factor than 2, and a weighted
     accumulation group in progress.
 
@@ -302,7 +303,7 @@ def to_keras_optimizer(
     micro_step, accumulator = 0, None
     if steps > 1:
         (accumulation,) = find(AccumulateGradientsState)
-        micro_step = int(accumulation.mini_step)
+        micro_step = int(accumulation.micro_step)
         if micro_step and float(accumulation.weight_sum) != micro_step:
             raise ValueError(
                 "A weighted accumulation group is in progress (weight sum "

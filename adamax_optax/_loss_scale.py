@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from adamax_optax import _common, _runner, _validation
+from adamax_optax import _common, _gate, _runner, _validation
 
 
 class StaticLossScaleState(NamedTuple):
@@ -58,4 +58,4 @@ def unscale_gradients(
         scale = jnp.asarray(loss_scale_factor).astype(_common.COMPUTE_DTYPE)
         return StaticLossScaleState(loss_scale=scale)
 
-    return _runner.Leafwise(init_fn, _runner.division_by(loss_scale_factor))
+    return _runner.leafwise(init_fn, _gate.division_by(loss_scale_factor))

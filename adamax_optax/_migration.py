@@ -29,14 +29,21 @@ ROLES: dict[str, tuple[type, frozenset[str]]] = {
     "learning_rate": (ScaleByKerasLearningRateState, frozenset({"schedule_step"})),
     "ema": (ParameterEMAState, frozenset()),
     "accumulate": (AccumulateGradientsState, frozenset({"weight_sum"})),
-    "dynamic_loss_scale": (DynamicLossScaleState, frozenset({"skipped_steps"})),
-    "skip_nonfinite": (SkipNonfiniteState, frozenset()),
+    "dynamic_loss_scale": (
+        DynamicLossScaleState,
+        frozenset({"skipped_steps", "last_skipped"}),
+    ),
+    "skip_nonfinite": (SkipNonfiniteState, frozenset({"last_skipped"})),
     "loss_scale": (StaticLossScaleState, frozenset()),
 }
 """Each role's state type, and the fields it gained after 0.1 (a state saved
-by 0.1 lacks them)."""
+by an earlier version may lack them)."""
 
 INNER = "inner_state"
+
+RENAMED = {"mini_step": "micro_step"}
+"""Fields renamed since they were saved (0.2.0 and 0.1 called the
+accumulator's micro-step counter ``mini_step``)."""
 
 
 def _fields_of(node: Any) -> tuple[str, ...] | None:
@@ -49,6 +56,10 @@ def _fields_of(node: Any) -> tuple[str, ...] | None:
     return None
 
 
+def _current_names(fields: tuple[str, ...]) -> set[str]:
+    return {RENAMED.get(name, name) for name in fields}
+
+
 def _role_of(node: Any) -> str | None:
     for role, (kind, _) in ROLES.items():
         if isinstance(node, kind):
@@ -58,7 +69,7 @@ def _role_of(node: Any) -> str | None:
         return None
     for role, (kind, added) in ROLES.items():
         every = set(kind._fields)
-        if every - added <= set(fields) <= every:
+        if every - added <= _current_names(fields) <= every:
             return role
     return None
 
@@ -72,7 +83,9 @@ def _collect(node: Any, found: dict[str, list[dict[str, Any]]]) -> None:
     role = _role_of(node)
     if role is not None:
         names = [f for f in _fields_of(node) or () if f != INNER]
-        found.setdefault(role, []).append({f: _field(node, f) for f in names})
+        found.setdefault(role, []).append(
+            {RENAMED.get(f, f): _field(node, f) for f in names}
+        )
         if INNER in (_fields_of(node) or ()):
             _collect(_field(node, INNER), found)
         return
@@ -143,8 +156,8 @@ def _carry(old: Any, fresh: Any, where: str) -> Any:
 def _default(role: str, field: str, old: dict[str, Any], fresh: Any) -> Any:
     """A field the old state lacks: a 0.1 accumulation group weighed each call
     1, so its weight is its micro-step count; anything else starts fresh."""
-    if role == "accumulate" and field == "weight_sum" and "mini_step" in old:
-        return jnp.asarray(old["mini_step"]).astype(jnp.asarray(fresh).dtype)
+    if role == "accumulate" and field == "weight_sum" and "micro_step" in old:
+        return jnp.asarray(old["micro_step"]).astype(jnp.asarray(fresh).dtype)
     if role == "learning_rate" and field == "schedule_step" and "count" in old:
         # A 0.1 schedule was at k * N + N - 1; a fresh state is at N - 1.
         count = jnp.asarray(old["count"]).astype(jnp.int32)
@@ -262,7 +275,7 @@ def migrate_state(
       ...     _, state = tx.update(jnp.ones(3), state, params)
       >>> bigger = adamax(0.1, use_ema=True, gradient_accumulation_steps=2)
       >>> state = migrate_state(bigger, state, params)
-      >>> int(get_iterations(state)), int(state["accumulate"].mini_step)
+      >>> int(get_iterations(state)), int(state["accumulate"].micro_step)
       (3, 0)
     """
     is_abstract = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731

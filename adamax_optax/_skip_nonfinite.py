@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from adamax_optax import _common, _runner, _validation
+from adamax_optax import _common, _gate, _runner, _validation
 from adamax_optax._clipping import global_norm
 
 
@@ -19,20 +19,23 @@ class SkipNonfiniteState(NamedTuple):
     Attributes:
       skipped_steps: calls skipped so far (int32);
         :func:`adamax_optax.get_skipped_steps` reads it.
+      last_skipped: whether the last call was skipped (bool);
+        :func:`adamax_optax.has_updated` reads it.
       inner_state: the wrapped transformation's state; a skipped call leaves it
         bit-identical.
     """
 
     skipped_steps: jax.Array
+    last_skipped: jax.Array
     inner_state: optax.OptState
 
 
 def is_good_step(
     raw_updates: optax.Updates,
-    leaf_map: _runner.LeafMap | None,
+    leaf_map: _gate.LeafMap | None,
     skip_norm_above: ArrayLike | None,
     extra_args: dict[str, Any],
-    gating: _runner.Gating | None,
+    gating: _gate.Gating | None,
 ) -> jax.Array:
     """``True`` when the call may run: every element of the gradients
     (``raw_updates`` mapped by ``leaf_map``) and the accumulation ``weight``
@@ -50,7 +53,7 @@ def is_good_step(
         norm = global_norm(raw_updates, leaf_map)
         good = norm <= _common.as_compute_scalar(skip_norm_above, norm.dtype)
     if not norm_check_proves_finite(skip_norm_above, raw_updates):
-        good = good & _runner.all_finite(raw_updates, gating, leaf_map)
+        good = good & _gate.all_finite(raw_updates, gating, leaf_map)
     weight = extra_args.get("weight")
     if weight is not None:
         good = good & jnp.isfinite(jnp.asarray(weight, jnp.float32))
@@ -77,7 +80,7 @@ def skip_nonfinite(
     inner: optax.GradientTransformation,
     *,
     skip_norm_above: ArrayLike | None = None,
-    gating: _runner.Gating | None = None,
+    gating: _gate.Gating | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips a call whose gradient holds a NaN or an infinity: it changes nothing.
 
@@ -94,10 +97,12 @@ def skip_nonfinite(
     * adds one to ``skipped_steps`` (:func:`adamax_optax.get_skipped_steps`).
 
     Without it, a single NaN element makes Adamax's ``u`` NaN for good (and,
-    under ``global_clipnorm``, every leaf's update). optax's ``apply_if_finite``
-    computes the inner update on every call and selects; this wrapper advances
-    ``inner`` behind a gate, as :func:`adamax_optax.accumulate_gradients` does,
-    so a skipped call computes and copies nothing. The check is one
+    under ``global_clipnorm``, every leaf's update). Like optax's
+    ``apply_if_finite`` (a ``lax.cond``), a skipped call computes nothing;
+    unlike it, it never applies a bad update after a run of them
+    (``max_consecutive_errors``), drops a bad accumulation micro-step alone,
+    and advances ``inner`` behind the same gate as
+    :func:`adamax_optax.accumulate_gradients`, so it copies nothing. The check is one
     read of the gradient: ``isfinite(sum(g))`` per leaf, and only when a sum is
     not finite the exact ``isfinite(sum(g - g))``, which never overflows. It is
     not folded into a global norm, whose ``g ** 2`` overflows float32 above
@@ -141,57 +146,33 @@ def skip_nonfinite(
     """
     if skip_norm_above is not None:
         _validation.check_positive("skip_norm_above", skip_norm_above)
-    gating = _runner.nested_gating(gating, inner)
-    inner = optax.with_extra_args_support(inner)
+    gating = _runner.nested_gating(gating, inner)  # the checks' gating too
 
-    def init_fn(params: optax.Params) -> SkipNonfiniteState:
+    def init(params: optax.Params) -> SkipNonfiniteState:
+        del params
         return SkipNonfiniteState(
-            skipped_steps=jnp.zeros([], jnp.int32), inner_state=inner.init(params)
+            jnp.zeros([], jnp.int32), jnp.asarray(False), inner_state=None
         )
 
-    def update_mapped_fn(
+    def decide(
         raw_updates: optax.Updates,
-        leaf_map: _runner.LeafMap | None,
+        leaf_map: _gate.LeafMap | None,
         state: SkipNonfiniteState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, SkipNonfiniteState]:
+        params: optax.Params | None,
+        extra_args: dict[str, Any],
+    ) -> _runner.GatedCall:
         # A pending ``leaf_map`` (a loss scale's division) is applied in the
         # check's reductions and inside the gate, never into a buffer.
         good = is_good_step(raw_updates, leaf_map, skip_norm_above, extra_args, gating)
+        skipped = state.skipped_steps + jnp.where(good, 0, 1).astype(jnp.int32)
+        new_state = state._replace(skipped_steps=skipped, last_skipped=~good)
+        return _runner.GatedCall(good, new_state, raw_updates, leaf_map)
 
-        def advance_inner(inner_state: Any, operands: Any) -> Any:
-            raw, current = operands
-            return _runner.update_mapped(
-                inner, raw, leaf_map, inner_state, current, **extra_args
-            )[1]
-
-        inner_state = _runner.gate(
-            good, advance_inner, state.inner_state, (raw_updates, params), gating
-        )
-        skipped_steps = state.skipped_steps + jnp.where(good, 0, 1)
-        new_state = SkipNonfiniteState(skipped_steps.astype(jnp.int32), inner_state)
-        updates = _runner.mapped(raw_updates, leaf_map)
-        return emit_fn(updates, state, new_state, params, **extra_args), new_state
-
-    def emit_fn(
-        updates: optax.Updates,
-        state: SkipNonfiniteState,
-        new_state: SkipNonfiniteState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> optax.Updates:
-        emitted = _runner.emit_updates(
-            inner,
-            updates,
-            state.inner_state,
-            new_state.inner_state,
-            params,
-            **extra_args,
-        )
-        good = new_state.skipped_steps == state.skipped_steps
-        return _runner.select(good, emitted)
-
-    return _runner.Composite.from_update_mapped(
-        init_fn, update_mapped_fn, emit_fn, (inner,), gating
+    return _runner.gated(
+        inner,
+        gating,
+        init=init,
+        decide=decide,
+        emitted=lambda updates, state, new_state, extra_args: updates,
+        ran=lambda new_state: ~new_state.last_skipped,
     )

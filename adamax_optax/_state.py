@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adamax_optax._accumulation import AccumulateGradientsState
 from adamax_optax._adamax import ScaleByKerasAdamaxState
 from adamax_optax._common import find_states
 from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
@@ -56,6 +57,42 @@ def get_iterations(opt_state: optax.OptState) -> jax.Array:
       2
     """
     return find_one(opt_state, ScaleByKerasAdamaxState, "get_iterations").count
+
+
+def has_updated(opt_state: optax.OptState) -> jax.Array:
+    """Whether the last call applied an update (a bool scalar), as
+    ``optax.MultiSteps.has_updated``: ``False`` after an accumulation
+    micro-step, a skipped call or a group of zero weight, and before the first
+    update; ``True`` after a call that moved the parameters' optimizer (the
+    last micro-step of a group, a ``flush=True``, any call without
+    accumulation).
+
+    Unlike ``optax.MultiSteps.has_updated``, which reads only its two
+    counters, a call skipped right after an update reads ``False``: the skip
+    states record it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adamax_optax import adamax, has_updated
+      >>> tx = adamax(gradient_accumulation_steps=2, skip_nonfinite=True)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> seen = []
+      >>> for g in (1.0, 1.0, jnp.nan, 1.0):
+      ...     _, state = tx.update(jnp.array([g]), state)
+      ...     seen.append(bool(has_updated(state)))
+      >>> seen  # micro-step, update, skipped, micro-step
+      [False, True, False, False]
+    """
+    adamax = find_one(opt_state, ScaleByKerasAdamaxState, "has_updated")
+    updated = adamax.count > 0
+    for group in find_states(opt_state, AccumulateGradientsState):
+        updated &= (group.micro_step == 0) & (group.weight_sum > 0)
+    pending = find_states(opt_state, SKIP_COUNTERS)
+    while pending:
+        state = pending.pop()
+        updated &= ~state.last_skipped
+        pending += find_states(state.inner_state, SKIP_COUNTERS)
+    return updated
 
 
 def get_learning_rate(opt_state: optax.OptState) -> jax.Array:

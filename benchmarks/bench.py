@@ -188,7 +188,7 @@ def build_cases(total: int, leaves: int, dtype: Any) -> Iterator[Case]:
     def theirs(name, words, tx, phase=None, peer=None):
         """A donated step of ``tx``, timed at micro-step ``phase`` if given."""
         params = make_tree(total, leaves, dtype, 1.0)
-        phase_of = mini_step_of if phase is not None else None
+        phase_of = micro_step_of if phase is not None else None
         state = (params, tx.init(params))
         return Case(name, words, donated(tx), state, grads, phase_of, phase, peer)
 
@@ -250,17 +250,21 @@ def build_cases(total: int, leaves: int, dtype: Any) -> Iterator[Case]:
         )
 
 
-def mini_step_of(tree: Any) -> int:
+MICRO_STEP_NAMES = ("micro_step", "mini_step")  # ours, optax.MultiSteps'
+
+
+def micro_step_of(tree: Any) -> int:
     """The accumulation's micro-step index, found anywhere in ``tree`` (also in
-    the flattened state of ``nnx.split``, where it is a path ending in it)."""
+    the flattened state of ``nnx.split``, where it is a path ending in it, and
+    in ``optax.MultiSteps``' state, which calls it ``mini_step``)."""
     is_state = lambda x: isinstance(x, AccumulateGradientsState)  # noqa: E731
     found = [x for x in jax.tree.leaves(tree, is_leaf=is_state) if is_state(x)]
     if found:
-        return int(found[0].mini_step)
+        return int(found[0].micro_step)
     (value,) = [
         leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if "mini_step" in jax.tree_util.keystr(path)
+        if any(name in jax.tree_util.keystr(path) for name in MICRO_STEP_NAMES)
     ]
     return int(value)
 
@@ -296,7 +300,7 @@ def wrapped_cases(total: int, leaves: int, dtype: Any, grads: Any) -> Iterator[C
                 donated(tx),
                 (params, tx.init(params)),
                 grads,
-                mini_step_of,
+                micro_step_of,
                 phase,
                 peer=f"adamax_optax accumulation {label}",
             )
@@ -319,7 +323,7 @@ def wrapped_cases(total: int, leaves: int, dtype: Any, grads: Any) -> Iterator[C
             step,
             (state, jnp.zeros([])),
             grads,
-            mini_step_of,
+            micro_step_of,
             phase,
             peer=f"adamax_optax accumulation {label}",
         )
@@ -354,7 +358,7 @@ def nnx_case(model, options, label, words, phase) -> Case:
         jax.jit(step, donate_argnums=0),
         (state, jnp.zeros([])),
         grads,
-        mini_step_of,
+        micro_step_of,
         phase,
         peer=f"adamax_optax accumulation {label}",
     )
@@ -644,7 +648,7 @@ def target_rows(total: int, leaves: int, pairs: int) -> list[dict[str, Any]]:
 
     def case(name, tx, words=0, phase=None):
         params = make_tree(total, leaves, jnp.float32, 1.0)
-        phase_of = mini_step_of if phase is not None else None
+        phase_of = micro_step_of if phase is not None else None
         state = (params, tx.init(params))
         return Case(name, words, donated(tx), state, grads, phase_of, phase)
 

@@ -20,7 +20,7 @@ def test_updates_with_the_group_mean_every_n_calls():
         outputs.append(np.asarray(updates).tolist())
     assert outputs == [[0, 0], [0, 0], [-3, -4], [0, 0], [0, 0], [-2, -1]]
     assert isinstance(state, AccumulateGradientsState)
-    assert int(state.mini_step) == 0
+    assert int(state.micro_step) == 0
     # Not reset: it holds the finished group's mean, which nothing reads again ...
     np.testing.assert_array_equal(state.accumulator, [2.0, 1.0])
     # ... because the next group's first call overwrites it.
@@ -36,7 +36,7 @@ def test_inner_state_only_moves_on_update_steps():
         _, state = tx.update(jnp.full(3, float(call)), state, params)
         acc = state["accumulate"]
         assert int(acc.inner_state["adamax"].count) == call // 4
-        assert int(acc.mini_step) == call % 4
+        assert int(acc.micro_step) == call % 4
 
 
 def test_equals_one_large_batch_step():

@@ -44,7 +44,7 @@ def test_resume_mid_group_is_bit_identical(tmp_path):
 
     # Stop after 14 calls (one skipped): in the middle of an accumulation group.
     half_params, half_state = train(tx, params, tx.init(params), grads[:14])
-    assert int(half_state.inner_state["accumulate"].mini_step) != 0
+    assert int(half_state.inner_state["accumulate"].micro_step) != 0
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp_path / "ckpt", {"params": half_params, "opt": half_state})
     checkpointer.wait_until_finished()

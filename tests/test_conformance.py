@@ -501,11 +501,11 @@ def test_keras_gradient_accumulation_and_iterations():
         ([[0.0, 1.0], [2.0, 3.0]], 0),
         ([[0.0, 1.0], [2.0, 3.0]], 1),
     ]
-    for params, mini_step in expected:
+    for params, micro_step in expected:
         updates, state = tx.update(grads, state, v)
         v = optax.apply_updates(v, updates)
         np.testing.assert_allclose(v, params)
-        assert int(state.mini_step) == mini_step
+        assert int(state.micro_step) == micro_step
     np.testing.assert_allclose(state.accumulator, np.ones((2, 2)))  # as Keras'
 
 

@@ -46,7 +46,7 @@ def as_0_1(state):
     def convert(node):
         if isinstance(node, ao.AccumulateGradientsState):
             return AccumulateGradientsState01(
-                node.mini_step, node.accumulator, convert(node.inner_state)
+                node.micro_step, node.accumulator, convert(node.inner_state)
             )
         if isinstance(node, ao.DynamicLossScaleState):
             return DynamicLossScaleState01(
@@ -54,6 +54,53 @@ def as_0_1(state):
             )
         if isinstance(node, ao.ScaleByKerasLearningRateState):
             return ScaleByKerasLearningRateState01(node.count, node.learning_rate)
+        if isinstance(node, dict):
+            return type(node)((k, convert(v)) for k, v in node.items())
+        return node
+
+    return convert(state)
+
+
+class AccumulateGradientsState02(NamedTuple):
+    mini_step: Any
+    weight_sum: Any
+    accumulator: Any
+    inner_state: Any
+
+
+class DynamicLossScaleState02(NamedTuple):
+    loss_scale: Any
+    good_steps: Any
+    skipped_steps: Any
+    inner_state: Any
+
+
+class SkipNonfiniteState02(NamedTuple):
+    skipped_steps: Any
+    inner_state: Any
+
+
+def as_0_2(state):
+    """``state`` in the 0.2.0 layout: ``mini_step`` for ``micro_step``, no
+    ``last_skipped``."""
+
+    def convert(node):
+        if isinstance(node, ao.AccumulateGradientsState):
+            return AccumulateGradientsState02(
+                node.micro_step,
+                node.weight_sum,
+                node.accumulator,
+                convert(node.inner_state),
+            )
+        if isinstance(node, ao.DynamicLossScaleState):
+            return DynamicLossScaleState02(
+                node.loss_scale,
+                node.good_steps,
+                node.skipped_steps,
+                convert(node.inner_state),
+            )
+        if isinstance(node, ao.SkipNonfiniteState):
+            return SkipNonfiniteState02(node.skipped_steps, convert(node.inner_state))
         if isinstance(node, dict):
             return type(node)((k, convert(v)) for k, v in node.items())
         return node
@@ -87,6 +134,18 @@ def test_a_0_1_state_converts_and_training_goes_on_bit_for_bit():
     )
 
 
+def test_a_0_2_state_converts_and_training_goes_on_bit_for_bit():
+    tx = adamax(**OPTIONS, skip_nonfinite=True)
+    params, grads = params_and_grads()
+    mid_params, state = run_ours(tx, params, grads[:6])
+    converted = migrate_state(tx, as_0_2(state), mid_params)
+    chex.assert_trees_all_equal(converted, state)
+    chex.assert_trees_all_equal(
+        run_ours(tx, mid_params, grads[6:], state=converted),
+        run_ours(tx, mid_params, grads[6:], state=state),
+    )
+
+
 def test_a_state_restored_by_orbax_without_a_target_converts(tmp_path):
     import orbax.checkpoint as ocp
 
@@ -94,7 +153,11 @@ def test_a_state_restored_by_orbax_without_a_target_converts(tmp_path):
     params, grads = params_and_grads()
     mid_params, state = run_ours(tx, params, grads[:5])
     checkpointer = ocp.StandardCheckpointer()
-    for name, saved in (("now", state), ("0.1", as_0_1(state))):
+    for name, saved in (
+        ("now", state),
+        ("0.1", as_0_1(state)),
+        ("0.2", as_0_2(state)),
+    ):
         path = os.fspath(tmp_path / name)
         checkpointer.save(path, saved)
         checkpointer.wait_until_finished()
@@ -113,7 +176,7 @@ def test_adding_an_option_keeps_what_is_shared():
     chex.assert_trees_all_equal(inner["learning_rate"], state["learning_rate"])
     fresh = after.init(mid_params)["accumulate"]
     chex.assert_trees_all_equal(inner["ema"], fresh.inner_state["ema"])
-    assert int(migrated["accumulate"].mini_step) == 0
+    assert int(migrated["accumulate"].micro_step) == 0
     new_params, new_state = run_ours(after, mid_params, grads[5:9], state=migrated)
     assert int(ao.get_iterations(new_state)) == 6
     chex.assert_tree_all_finite(new_params)
@@ -139,7 +202,7 @@ def test_a_group_in_progress_ends_at_the_new_size():
     state = migrate_state(smaller, state, jnp.zeros(1))
     updates, state = smaller.update(jnp.array([6.0]), state)
     np.testing.assert_allclose(updates, [-3.0])  # -mean(0 .. 6)
-    assert int(state.mini_step) == 0
+    assert int(state.micro_step) == 0
 
 
 def test_a_new_state_dtype_casts():

@@ -31,6 +31,7 @@ from conftest import (
 
 import adamax_optax as ao
 from adamax_optax import accumulate_gradients, adamax, dynamic_loss_scale
+from adamax_optax._runner import phases_of
 
 SHAPES = {"w": (256, 1024), "b": (128, 1024)}
 SMALLEST_LEAF_BYTES = 128 * 1024 * 4
@@ -342,7 +343,8 @@ def test_gatings_equal_optax_multisteps(small_problem):
     params, grads = small_problem
     grads = [g for g in grads if np.all(np.isfinite(g["out/kernel"]))]
     with jax.numpy_dtype_promotion("standard"):  # optax's own code
-        multi = optax.MultiSteps(optax.chain(*blocks(ao.chain).members), 3)
+        members = phases_of(blocks(ao.chain)).members
+        multi = optax.MultiSteps(optax.chain(*members), 3)
         want, _ = run_donated(multi.gradient_transformation(), params, grads)
         for gating in ("loop", "cond", "where"):
             got, _ = run_donated(
@@ -378,8 +380,8 @@ def test_nested_wrappers_with_different_gatings_are_an_error():
     with pytest.raises(ValueError, match=r"different `gating` values.*cond.*loop"):
         dynamic_loss_scale(ao.named_chain(("inner", inner)), gating="cond")
     # One explicit value is taken by the wrappers around it.
-    assert dynamic_loss_scale(inner).gating == "loop"
-    assert dynamic_loss_scale(inner, gating="loop").gating == "loop"
+    assert phases_of(dynamic_loss_scale(inner)).gating == "loop"
+    assert phases_of(dynamic_loss_scale(inner, gating="loop")).gating == "loop"
 
 
 @pytest.mark.parametrize("bad", ["while", "Cond", 1])
@@ -432,8 +434,9 @@ def test_learning_rate_told_another_count_is_an_error():
         tx.update(params, tx.init(params), params)
 
 
-def test_block_and_composite_survive_flattening():
-    """Equinox and others flatten a transformation; the block stays a block."""
+def test_how_a_transformation_emits_survives_replace_equality_and_flattening():
+    """Equinox and others flatten a transformation, users ``_replace`` a field:
+    how it emits after a gate is its update function, so both keep it."""
     scaled_skip = ao.chain(
         ao.unscale_gradients(2.0), ao.skip_nonfinite(ao.scale_by_keras_adamax())
     )
@@ -445,15 +448,20 @@ def test_block_and_composite_survive_flattening():
     ):
         leaves, treedef = jax.tree.flatten(tx)
         again = jax.tree.unflatten(treedef, leaves)
-        assert type(again) is type(tx)
+        replaced = tx._replace(init=tx.init)
+        assert again == tx and replaced == tx
+        assert phases_of(again) is phases_of(tx) is phases_of(replaced) is not None
         if tx is scaled_skip:  # still takes a pending leaf map
-            assert again.update_mapped is not None
+            assert phases_of(again).update_mapped is not None
         params = {"w": jnp.ones(3)}
         state = again.init(params)
         np.testing.assert_array_equal(
             again.update(params, state, params)[0]["w"],
             tx.update(params, state, params)[0]["w"],
         )
+    # Another update function is another transformation, with no phases.
+    other = ao.scale_by_keras_adamax()._replace(update=optax.identity().update)
+    assert phases_of(other) is None and other != ao.scale_by_keras_adamax()
 
 
 def test_gating_is_kept_by_configs():

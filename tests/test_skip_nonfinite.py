@@ -366,7 +366,7 @@ def test_a_non_finite_weight_is_skipped_too():
     # Traced (a concrete NaN is refused when the step is traced).
     _, state = jax.jit(tx.update)(jnp.ones(2), state, params, weight=np.nan)
     assert int(get_skipped_steps(state)) == 1
-    assert int(state["skip_nonfinite"].inner_state["accumulate"].mini_step) == 0
+    assert int(state["skip_nonfinite"].inner_state["accumulate"].micro_step) == 0
 
 
 def test_wrapper_protects_a_foreign_transformation():
@@ -393,7 +393,7 @@ def test_a_flush_on_a_skipped_call_is_dropped_with_it():
     updates, state = tx.update(jnp.array([np.nan]), state, params, flush=True)
     np.testing.assert_array_equal(updates, [0.0])
     accumulate = state["skip_nonfinite"].inner_state["accumulate"]
-    assert int(accumulate.mini_step) == 1
+    assert int(accumulate.micro_step) == 1
     updates, state = tx.update(jnp.array([4.0]), state, params, flush=True)
     # Adamax's first step on the mean 3: -lr * sign.
     np.testing.assert_allclose(updates, [-1.0], rtol=1e-6)

@@ -15,6 +15,7 @@ from adamax_optax import (
     get_iterations,
     get_learning_rate,
     get_loss_scale,
+    has_updated,
 )
 
 
@@ -86,3 +87,78 @@ def test_missing_pieces_are_clear_errors():
     with pytest.raises(ValueError, match="ScaleByKerasLearningRateState"):
         get_learning_rate(state)
     assert float(get_loss_scale(state)) == 1.0
+
+
+def multisteps_has_updated(gradients, steps):
+    """``optax.MultiSteps.has_updated`` after each call, skipping non-finite
+    gradients as ``adamax(skip_nonfinite=True)`` does."""
+    multi = optax.MultiSteps(
+        optax.adamax(1e-3), steps, should_skip_update_fn=optax.skip_not_finite
+    )
+    seen = []
+    with jax.numpy_dtype_promotion("standard"):  # optax's own code
+        state = multi.init(jnp.zeros(2))
+        for g in gradients:
+            _, state = multi.update(jnp.asarray(g), state, jnp.zeros(2))
+            seen.append(bool(multi.has_updated(state)))
+    return seen
+
+
+def has_updated_after_each_call(tx, gradients, flushes=()):
+    state = tx.init(jnp.zeros(2))
+    seen = []
+    for i, g in enumerate(gradients):
+        extra = {"flush": True} if i in flushes else {}
+        _, state = tx.update(jnp.asarray(g), state, jnp.zeros(2), **extra)
+        seen.append(bool(has_updated(state)))
+    return seen
+
+
+GOOD, BAD = [1.0, 2.0], [np.nan, 1.0]
+
+
+@pytest.mark.parametrize("steps", [None, 3])
+def test_has_updated_equals_optax_multisteps(steps):
+    # Skips only where the last call was not an update: there optax agrees.
+    calls = [GOOD, GOOD, BAD, GOOD, GOOD, GOOD, BAD, GOOD, GOOD, GOOD]
+    if steps is None:
+        calls = [GOOD, GOOD, GOOD]
+    tx = adamax(gradient_accumulation_steps=steps, skip_nonfinite=True)
+    ours = has_updated_after_each_call(tx, calls)
+    assert ours == multisteps_has_updated(calls, steps or 1)
+    if steps == 3:  # the updates: the 3rd good call of each group
+        assert [i for i, updated in enumerate(ours) if updated] == [3, 7]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(skip_nonfinite=True), dict(dynamic_loss_scale=True)],
+)
+def test_a_skipped_call_right_after_an_update_is_not_an_update(options):
+    calls = [GOOD, GOOD, BAD, GOOD]
+    tx = adamax(gradient_accumulation_steps=2, **options)
+    assert has_updated_after_each_call(tx, calls) == [False, True, False, False]
+    # optax's reads its counters only, unchanged by the skip: True.
+    assert multisteps_has_updated(calls, 2) == [False, True, True, False]
+    no_accumulation = adamax(**options)
+    assert has_updated_after_each_call(no_accumulation, calls) == [
+        True,
+        True,
+        False,
+        True,
+    ]
+
+
+def test_has_updated_after_flushes_and_empty_groups():
+    tx = adamax(gradient_accumulation_steps=4)
+    # A flush ends a partial group with an update.
+    assert has_updated_after_each_call(tx, [GOOD, GOOD, GOOD], flushes={1}) == [
+        False,
+        True,
+        False,
+    ]
+    # A group of zero weight applies no update, flushed or not.
+    state = tx.init(jnp.zeros(2))
+    _, state = tx.update(jnp.asarray(GOOD), state, weight=0.0, flush=True)
+    assert not bool(has_updated(state)) and int(get_iterations(state)) == 0
+    assert not bool(has_updated(adamax().init(jnp.zeros(2))))  # nothing yet

@@ -106,10 +106,10 @@ def test_flush_of_one_call_by_hand():
     _, state = tx.update(jnp.array([1.0, 2.0]), state)
     updates, state = tx.update(jnp.array([3.0, -4.0]), state, flush=True)
     np.testing.assert_allclose(updates, [-2.0, 1.0])
-    assert int(state.mini_step) == 0
+    assert int(state.micro_step) == 0
     updates, state = tx.update(jnp.array([5.0, 5.0]), state)  # a new group
     np.testing.assert_array_equal(updates, [0.0, 0.0])
-    assert int(state.mini_step) == 1
+    assert int(state.micro_step) == 1
 
 
 def test_a_group_of_zero_weight_applies_nothing():
@@ -124,7 +124,7 @@ def test_a_group_of_zero_weight_applies_nothing():
     chex.assert_trees_all_equal(
         after["accumulate"].inner_state, state["accumulate"].inner_state
     )
-    assert int(after["accumulate"].mini_step) == 0
+    assert int(after["accumulate"].micro_step) == 0
     assert int(ao.get_iterations(after)) == 0
     _, after = tx.update(jnp.ones(2), after, params, weight=2.0)
     updates, after = tx.update(jnp.ones(2), after, params, weight=0.0)
@@ -143,7 +143,7 @@ def test_weight_is_traced_once():
     state = tx.init(params)
     for w, f in ((1.0, False), (3.0, True), (0.5, False)):
         state = step(state, params, jnp.float32(w), jnp.bool_(f))
-    assert int(state["accumulate"].mini_step) == 1
+    assert int(state["accumulate"].micro_step) == 1
 
 
 def test_arguments_pass_through_every_wrapper():
