@@ -24,7 +24,6 @@ from adamax_optax._clipping import keras_clipnorm as keras_clipnorm
 from adamax_optax._clipping import keras_clipvalue as keras_clipvalue
 from adamax_optax._clipping import keras_global_clipnorm as keras_global_clipnorm
 from adamax_optax._config import from_config as from_config
-from adamax_optax._config import from_keras_config as from_keras_config
 from adamax_optax._config import get_config as get_config
 from adamax_optax._dynamic_loss_scale import (
     DynamicLossScaleState as DynamicLossScaleState,
@@ -33,8 +32,6 @@ from adamax_optax._dynamic_loss_scale import dynamic_loss_scale as dynamic_loss_
 from adamax_optax._ema import ParameterEMAState as ParameterEMAState
 from adamax_optax._ema import finalize_variable_values as finalize_variable_values
 from adamax_optax._ema import parameter_ema as parameter_ema
-from adamax_optax._keras_state import from_keras_optimizer as from_keras_optimizer
-from adamax_optax._keras_state import to_keras_optimizer as to_keras_optimizer
 from adamax_optax._learning_rate import (
     ScaleByKerasLearningRateState as ScaleByKerasLearningRateState,
 )
@@ -53,6 +50,9 @@ from adamax_optax._state import get_loss_scale as get_loss_scale
 from adamax_optax._state import get_skipped_steps as get_skipped_steps
 from adamax_optax._state import has_updated as has_updated
 from adamax_optax._weight_decay import decoupled_weight_decay as decoupled_weight_decay
+from adamax_optax.keras import from_keras_config as from_keras_config
+from adamax_optax.keras import from_keras_optimizer as from_keras_optimizer
+from adamax_optax.keras import to_keras_optimizer as to_keras_optimizer
 
 try:
     __version__ = version("adamax_optax")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -30,15 +31,6 @@ class DynamicLossScaleState(NamedTuple):
     skipped_steps: jax.Array
     last_skipped: jax.Array
     inner_state: optax.OptState
-
-
-DYNAMIC_LOSS_SCALE_DEFAULTS = {
-    "initial_scale": 2.0**15,
-    "growth_steps": 2000,
-    "factor": 2.0,
-    "min_loss_scale": 1.0,
-    "max_loss_scale": None,
-}
 
 
 def check_dynamic_loss_scale_settings(
@@ -198,3 +190,12 @@ def dynamic_loss_scale(
         emitted=emitted,
         ran=lambda new_state: ~new_state.last_skipped,
     )
+
+
+DYNAMIC_LOSS_SCALE_DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(dynamic_loss_scale).parameters.items()
+    if name not in ("inner", "gating")
+}
+"""The settings of :func:`dynamic_loss_scale` (``adamax(dynamic_loss_scale={...})``
+takes the same), with their defaults: Keras' where Keras has them."""

@@ -53,7 +53,7 @@ class ScaleByKerasLearningRateState(NamedTuple):
     learning_rate: jax.Array
 
 
-def _takes_no_arguments(fn: Callable[..., Any]) -> bool:
+def takes_no_arguments(fn: Callable[..., Any]) -> bool:
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -84,7 +84,7 @@ def as_step_schedule(learning_rate: LearningRate) -> Callable[..., jax.Array]:
         return lambda step, dtype=_common.COMPUTE_DTYPE: jnp.asarray(
             _common.as_compute_scalar(learning_rate, dtype), dtype
         )
-    if _takes_no_arguments(learning_rate):
+    if takes_no_arguments(learning_rate):
         return lambda step, dtype=_common.COMPUTE_DTYPE: jnp.asarray(
             learning_rate(), dtype
         )

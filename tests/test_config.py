@@ -12,7 +12,7 @@ from conftest import assert_parity, make_problem, run_ours
 from keras_oracle import run_keras
 
 from adamax_optax import adamax, from_config, from_keras_config, get_config
-from adamax_optax._config import KERAS_BASE_DEFAULTS
+from adamax_optax.keras import KERAS_BASE_DEFAULTS
 
 FULL = {
     "learning_rate": 0.01,
