@@ -38,7 +38,7 @@ from adamax_optax._learning_rate import (
 from adamax_optax._learning_rate import (
     scale_by_keras_learning_rate as scale_by_keras_learning_rate,
 )
-from adamax_optax._loss_scale import StaticLossScaleState as StaticLossScaleState
+from adamax_optax._loss_scale import UnscaleGradientsState as UnscaleGradientsState
 from adamax_optax._loss_scale import unscale_gradients as unscale_gradients
 from adamax_optax._migration import migrate_state as migrate_state
 from adamax_optax._sharding import state_shardings as state_shardings
@@ -66,7 +66,7 @@ __all__ = [
     "ScaleByKerasAdamaxState",
     "ScaleByKerasLearningRateState",
     "SkipNonfiniteState",
-    "StaticLossScaleState",
+    "UnscaleGradientsState",
     "__version__",
     "accumulate_gradients",
     "adamax",

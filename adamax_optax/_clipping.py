@@ -37,17 +37,12 @@ def _separate_read(tree: optax.Updates) -> optax.Updates:
     return jax.tree.unflatten(treedef, leaves)
 
 
-def stateless(
+def _stateless(
     transform: Callable[[optax.Updates], optax.Updates],
 ) -> optax.GradientTransformationExtraArgs:
-    """A transformation without state: ``updates = transform(updates)``."""
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        return transform(updates), state
-
-    return optax.GradientTransformationExtraArgs(
-        lambda params: optax.EmptyState(), update_fn
+    """``optax.stateless`` of ``transform``, taking extra arguments."""
+    return optax.with_extra_args_support(
+        optax.stateless(lambda updates, params: transform(updates))
     )
 
 
@@ -118,7 +113,7 @@ def keras_clipnorm(clipnorm: ArrayLike) -> optax.GradientTransformationExtraArgs
         clipped = _common.by_parts(lambda g: (g * c) / denominator, g)
         return clipped.astype(update.dtype)
 
-    return stateless(lambda updates: _grouping.map_members(clip_leaf, updates))
+    return _stateless(lambda updates: _grouping.map_members(clip_leaf, updates))
 
 
 def keras_global_clipnorm(
@@ -165,7 +160,7 @@ def keras_global_clipnorm(
 
         return jax.tree.map(clip_leaf, updates)
 
-    return stateless(clip)
+    return _stateless(clip)
 
 
 def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformationExtraArgs:
@@ -205,4 +200,4 @@ def keras_clipvalue(clipvalue: ArrayLike) -> optax.GradientTransformationExtraAr
                 )
         return jax.tree.map(lambda g: _in_compute_dtype(clip_leaf, g), updates)
 
-    return stateless(clip)
+    return _stateless(clip)

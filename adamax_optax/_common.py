@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -178,11 +178,6 @@ def zeros_like_in(
     )
 
 
-def cast_like(tree: Any, reference: Any) -> Any:
-    """Casts each leaf of ``tree`` to the dtype of its twin in ``reference``."""
-    return jax.tree.map(lambda x, r: x.astype(jnp.result_type(r)), tree, reference)
-
-
 def as_arrays(tree: Any) -> Any:
     """``tree`` with Python numbers as JAX arrays (optax accepts them as leaves)."""
     return None if tree is None else jax.tree.map(jnp.asarray, tree)
@@ -199,30 +194,8 @@ def cast_to_params(updates: Any, params: Any | None) -> Any:
     )
 
 
-def key_path_name(path: Sequence[Any]) -> str:
-    """A leaf's key path written as ``"/"``-joined names.
-
-    Dict keys, NamedTuple / dataclass fields and sequence indices each give one
-    name, so the bias of a Flax ``Dense_0`` layer reads ``"params/Dense_0/bias"``.
-
-    >>> import jax
-    >>> paths = jax.tree_util.tree_flatten_with_path({"a": [0, {"b": 1}]})[0]
-    >>> [key_path_name(path) for path, _ in paths]
-    ['a/0', 'a/1/b']
-    """
-    names = []
-    for entry in path:
-        if isinstance(entry, jax.tree_util.DictKey):
-            names.append(str(entry.key))
-        elif isinstance(entry, jax.tree_util.GetAttrKey):
-            names.append(entry.name)
-        elif isinstance(entry, jax.tree_util.SequenceKey):
-            names.append(str(entry.idx))
-        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
-            names.append(str(entry.key))
-        else:
-            names.append(str(entry))
-    return "/".join(names)
+key_path_name = functools.partial(jax.tree_util.keystr, simple=True, separator="/")
+"""A leaf's key path as ``"/"``-joined names (``"params/Dense_0/bias"``)."""
 
 
 def unwrap_variables(tree: Any) -> Any:

@@ -268,4 +268,4 @@ def finalize_variable_values(params: optax.Params, opt_state: optax.OptState) ->
                 "`nnx.state(model, nnx.Param)`."
             ) from None
         raise
-    return _common.cast_like(ema, params)
+    return optax.tree_utils.tree_cast_like(ema, params)

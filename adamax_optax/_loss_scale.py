@@ -12,7 +12,7 @@ from jax.typing import ArrayLike
 from adamax_optax import _common, _gate, _runner, _validation
 
 
-class StaticLossScaleState(NamedTuple):
+class UnscaleGradientsState(NamedTuple):
     """State of :func:`unscale_gradients`.
 
     Attributes:
@@ -53,9 +53,9 @@ def unscale_gradients(
     """
     _validation.check_positive("loss_scale_factor", loss_scale_factor)
 
-    def init_fn(params: optax.Params) -> StaticLossScaleState:
+    def init_fn(params: optax.Params) -> UnscaleGradientsState:
         del params
         scale = jnp.asarray(loss_scale_factor).astype(_common.COMPUTE_DTYPE)
-        return StaticLossScaleState(loss_scale=scale)
+        return UnscaleGradientsState(loss_scale=scale)
 
     return _runner.leafwise(init_fn, _gate.division_by(loss_scale_factor))

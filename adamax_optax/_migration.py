@@ -21,7 +21,7 @@ from adamax_optax._learning_rate import (
     ScaleByKerasLearningRateState,
     as_step_schedule,
 )
-from adamax_optax._loss_scale import StaticLossScaleState
+from adamax_optax._loss_scale import UnscaleGradientsState
 from adamax_optax._skip_nonfinite import SkipNonfiniteState
 
 ROLES: dict[str, tuple[type, frozenset[str]]] = {
@@ -34,7 +34,7 @@ ROLES: dict[str, tuple[type, frozenset[str]]] = {
         frozenset({"skipped_steps", "last_skipped"}),
     ),
     "skip_nonfinite": (SkipNonfiniteState, frozenset({"last_skipped"})),
-    "loss_scale": (StaticLossScaleState, frozenset()),
+    "loss_scale": (UnscaleGradientsState, frozenset()),
 }
 """Each role's state type, and the fields it gained after 0.1 (a state saved
 by an earlier version may lack them)."""

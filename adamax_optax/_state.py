@@ -19,7 +19,7 @@ from adamax_optax._adamax import ScaleByKerasAdamaxState
 from adamax_optax._common import find_states
 from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
 from adamax_optax._learning_rate import ScaleByKerasLearningRateState
-from adamax_optax._loss_scale import StaticLossScaleState
+from adamax_optax._loss_scale import UnscaleGradientsState
 from adamax_optax._skip_nonfinite import SkipNonfiniteState
 
 State = TypeVar("State")
@@ -135,7 +135,7 @@ def get_loss_scale(opt_state: optax.OptState) -> jax.Array:
       1.0
     """
     found = find_states(opt_state, DynamicLossScaleState) + find_states(
-        opt_state, StaticLossScaleState
+        opt_state, UnscaleGradientsState
     )
     if len(found) > 1:
         raise ValueError(
