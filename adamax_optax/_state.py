@@ -87,11 +87,8 @@ def has_updated(opt_state: optax.OptState) -> jax.Array:
     updated = adamax.count > 0
     for group in find_states(opt_state, AccumulateGradientsState):
         updated &= (group.micro_step == 0) & (group.weight_sum > 0)
-    pending = find_states(opt_state, SKIP_COUNTERS)
-    while pending:
-        state = pending.pop()
+    for state in _skip_states(opt_state):
         updated &= ~state.last_skipped
-        pending += find_states(state.inner_state, SKIP_COUNTERS)
     return updated
 
 
@@ -167,20 +164,20 @@ def get_skipped_steps(opt_state: optax.OptState) -> jax.Array:
       >>> int(get_skipped_steps(state)), int(get_iterations(state))
       (2, 1)
     """
-    found = find_states(opt_state, SKIP_COUNTERS)
+    found = _skip_states(opt_state)
     if not found:
         raise ValueError(
             "`get_skipped_steps` needs an optimizer state with a skip counter: "
             "build the optimizer with `skip_nonfinite=True` or "
             "`dynamic_loss_scale=True` (or wrap it in `skip_nonfinite`)."
         )
-    return sum((_all_skip_counts(state) for state in found), jnp.zeros([], jnp.int32))
+    return sum((state.skipped_steps for state in found), jnp.zeros([], jnp.int32))
 
 
-def _all_skip_counts(state: Any) -> jax.Array:
-    """``state``'s own skip count plus those of the skip states nested in it
+def _skip_states(tree: Any) -> list[Any]:
+    """Every skip state in ``tree``, those nested in another included
     (``find_states`` stops at the outermost match)."""
-    nested = find_states(state.inner_state, SKIP_COUNTERS)
-    return state.skipped_steps + sum(
-        (_all_skip_counts(inner) for inner in nested), jnp.zeros([], jnp.int32)
-    )
+    found = find_states(tree, SKIP_COUNTERS)
+    return found + [
+        nested for state in found for nested in _skip_states(state.inner_state)
+    ]
