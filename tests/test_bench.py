@@ -54,6 +54,8 @@ def test_help_gives_every_flag_a_default_and_a_description(capsys):
     for flag in ("--compile-leaves", "--train-models", "--json", "--plot"):
         assert flag in text
     assert text.count("(default:") >= 8
+    # One results file per program, named for its table.
+    assert "bench_results.json; with --targets, bench_results_targets.json" in text
 
 
 def test_plot_without_matplotlib_stops_before_measuring(monkeypatch):
