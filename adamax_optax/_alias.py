@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
@@ -57,6 +59,7 @@ def _clipping(
     return []
 
 
+@_validation.refuse_unknown_keywords
 def adamax(
     learning_rate: LearningRate = 0.001,
     beta_1: ArrayLike = 0.9,
@@ -202,49 +205,9 @@ def adamax(
       (True, 100)
     """
     arguments = dict(locals())
-    check_learning_rate(learning_rate)
-    _validation.check_only_one_clip(clipnorm, clipvalue, global_clipnorm)
-    _validation.check_bool("use_ema", use_ema)
-    _validation.check_ema_momentum(ema_momentum)
-    check_ema_overwrite_frequency(ema_overwrite_frequency)
-    if gradient_accumulation_steps is not None:
-        check_gradient_accumulation_steps(gradient_accumulation_steps)
+    _validate(arguments)
+    _warn_options_without_effect(arguments)
     scaling = _dynamic_loss_scale_settings(dynamic_loss_scale)
-    _gate.check_gating(gating)
-    _warn_without_effect(
-        ema_overwrite_frequency is not None and not use_ema,
-        f"`ema_overwrite_frequency={ema_overwrite_frequency}` has no effect "
-        "without `use_ema=True`.",
-    )
-    _warn_without_effect(
-        isinstance(ema_momentum, int | float)
-        and ema_momentum != 0.99  # Keras' default, in every Keras config
-        and not use_ema,
-        f"`ema_momentum={ema_momentum}` has no effect without `use_ema=True`.",
-    )
-    _validation.check_bool("ema_warmup", ema_warmup)
-    _warn_without_effect(
-        exclude_from_ema not in (None, [], ()) and not use_ema,
-        f"`exclude_from_ema={exclude_from_ema!r}` has no effect without "
-        "`use_ema=True`.",
-    )
-    _validation.check_bool("skip_nonfinite", skip_nonfinite)
-    if skip_norm_above is not None:
-        _validation.check_positive("skip_norm_above", skip_norm_above)
-    _warn_without_effect(
-        skip_norm_above is not None and not skip_nonfinite,
-        f"`skip_norm_above={skip_norm_above}` has no effect without "
-        "`skip_nonfinite=True`.",
-    )
-    _warn_without_effect(
-        ema_warmup and not use_ema,
-        "`ema_warmup=True` has no effect without `use_ema=True`.",
-    )
-    _warn_without_effect(
-        exclude_from_weight_decay not in (None, [], ()) and weight_decay is None,
-        f"`exclude_from_weight_decay={exclude_from_weight_decay!r}` has no "
-        "effect without `weight_decay`.",
-    )
     if scaling is not None and loss_scale_factor is not None:
         raise ValueError(
             "Set either `loss_scale_factor` or `dynamic_loss_scale`, not both. "
@@ -260,38 +223,22 @@ def adamax(
         ),
     ]
     if weight_decay is not None:
-        update_chain.append(
-            (
-                "weight_decay",
-                decoupled_weight_decay(
-                    weight_decay, exclude_from_weight_decay=exclude_from_weight_decay
-                ),
-            )
+        decay = decoupled_weight_decay(
+            weight_decay, exclude_from_weight_decay=exclude_from_weight_decay
         )
-    # Under accumulation (ours, or one wrapped around this optimizer by the
-    # user) the schedule counts micro-steps; the state records its first rate.
-    steps_per_update = gradient_accumulation_steps
-    update_chain.append(
-        (
-            "learning_rate",
-            scale_by_keras_learning_rate(
-                learning_rate, steps_per_update=steps_per_update
-            ),
-        )
-    )
+        update_chain.append(("weight_decay", decay))
+    # Under accumulation the schedule counts micro-steps, N taken from the
+    # enclosing accumulate_gradients while it traces this chain.
+    update_chain.append(("learning_rate", scale_by_keras_learning_rate(learning_rate)))
     if use_ema:
-        update_chain.append(
-            (
-                "ema",
-                parameter_ema(
-                    ema_momentum,
-                    ema_overwrite_frequency,
-                    ema_warmup=ema_warmup,
-                    state_dtype=state_dtype,
-                    exclude_from_ema=exclude_from_ema,
-                ),
-            )
+        ema = parameter_ema(
+            ema_momentum,
+            ema_overwrite_frequency,
+            ema_warmup=ema_warmup,
+            state_dtype=state_dtype,
+            exclude_from_ema=exclude_from_ema,
         )
+        update_chain.append(("ema", ema))
 
     if gradient_accumulation_steps is not None:
         accumulate = accumulate_gradients(
@@ -400,9 +347,60 @@ def arguments_of(
     return dict(arguments)
 
 
-def _warn_without_effect(condition: bool, message: str) -> None:
-    if condition:
-        warnings.warn(message, UserWarning, stacklevel=3)
+def _validate(arguments: Mapping[str, Any]) -> None:
+    """The checks that no building block makes itself (those of ``beta_1``,
+    ``epsilon``, ``weight_decay`` and the clipping norms are its stages')."""
+    check_learning_rate(arguments["learning_rate"])
+    _validation.check_only_one_clip(
+        arguments["clipnorm"], arguments["clipvalue"], arguments["global_clipnorm"]
+    )
+    for flag in ("use_ema", "ema_warmup", "skip_nonfinite"):
+        _validation.check_bool(flag, arguments[flag])
+    _validation.check_ema_momentum(arguments["ema_momentum"])
+    check_ema_overwrite_frequency(arguments["ema_overwrite_frequency"])
+    if arguments["gradient_accumulation_steps"] is not None:
+        check_gradient_accumulation_steps(arguments["gradient_accumulation_steps"])
+    if arguments["skip_norm_above"] is not None:
+        _validation.check_positive("skip_norm_above", arguments["skip_norm_above"])
+    _gate.check_gating(arguments["gating"])
+
+
+# An option that acts only with another: (the option, the one it needs).
+_ACTS_ONLY_WITH = (
+    ("ema_momentum", "use_ema"),
+    ("ema_overwrite_frequency", "use_ema"),
+    ("ema_warmup", "use_ema"),
+    ("exclude_from_ema", "use_ema"),
+    ("skip_norm_above", "skip_nonfinite"),
+    ("exclude_from_weight_decay", "weight_decay"),
+)
+
+
+def _warn_options_without_effect(arguments: Mapping[str, Any]) -> None:
+    """Warns for each option set away from its default without the one it needs.
+
+    An array counts as unset: ``optax.inject_hyperparams`` passes every numeric
+    argument as one, defaults included. Keras' default ``ema_momentum=0.99``, in
+    every Keras config, does not warn.
+    """
+    defaults = _ADAMAX_DEFAULTS
+    for option, needed in _ACTS_ONLY_WITH:
+        value = arguments[option]
+        given = not isinstance(value, jax.Array | np.ndarray) and value not in (
+            defaults[option],
+            None,
+            [],
+            (),
+        )
+        if given and arguments[needed] in (None, False):
+            requirement = (
+                f"`{needed}=True`" if defaults[needed] is False else f"`{needed}`"
+            )
+            warnings.warn(
+                f"`{option}={value!r}` has no effect without {requirement}.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _dynamic_loss_scale_settings(
@@ -423,3 +421,9 @@ def _dynamic_loss_scale_settings(
             f"settings are {sorted(DYNAMIC_LOSS_SCALE_DEFAULTS)}."
         )
     return {**DYNAMIC_LOSS_SCALE_DEFAULTS, **dynamic_loss_scale}
+
+
+_ADAMAX_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(adamax).parameters.items()
+}

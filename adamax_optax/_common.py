@@ -255,23 +255,31 @@ def check_tree_match(
     tree: Any, reference: Any, what: str, against: str, transform_name: str
 ) -> None:
     """``tree`` must have ``reference``'s structure and leaf shapes; the error
-    names the first leaf where they part. Runs at trace time, on static
-    information, so a mismatch is a clear error even inside ``jit``."""
+    names the leaves missing or extra by key path, or the first of another shape.
+    Runs at trace time, on static information, so a mismatch is a clear error
+    even inside ``jit``."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     references = jax.tree_util.tree_flatten_with_path(reference)[0]
     names = [key_path_name(path) for path, _ in leaves]
     reference_names = [key_path_name(path) for path, _ in references]
-    for index in range(max(len(names), len(reference_names))):
-        name = names[index] if index < len(names) else None
-        expected = reference_names[index] if index < len(reference_names) else None
-        if name != expected:
-            found = repr(name) if name is not None else "missing"
-            wanted = repr(expected) if expected is not None else "missing"
-            raise ValueError(
-                f"`{transform_name}`: the {what} do not match the {against}: "
-                f"leaf {index} is {found} in the {what}, {wanted} in the "
-                f"{against} ({len(names)} leaves against {len(reference_names)})."
+    missing = [name for name in reference_names if name not in frozenset(names)]
+    extra = [name for name in names if name not in frozenset(reference_names)]
+    if missing or extra:
+        differences = []
+        if missing:
+            differences.append(f"the {what} have no {_leaves(missing)}")
+        if extra:
+            differences.append(
+                f"the {what} have {_leaves(extra)} that the {against} lacks"
             )
+        raise ValueError(
+            f"`{transform_name}`: the {what} do not match the {against}: "
+            f"{'; '.join(differences)} (the {against}: {len(reference_names)} "
+            f"leaves, the {what}: {len(names)})."
+        )
+    for index, name in enumerate(names):
+        if name != reference_names[index]:
+            break  # the same leaves in another order: the container check says so
         shape, wanted_shape = (
             jnp.shape(leaves[index][1]),
             jnp.shape(references[index][1]),
@@ -283,10 +291,17 @@ def check_tree_match(
             )
     if jax.tree.structure(tree) != jax.tree.structure(reference):
         raise ValueError(
-            f"`{transform_name}`: the {what} have the {against}' leaves in another "
+            f"`{transform_name}`: the {what} have the {against}'s leaves in another "
             f"container.\n  {what}: {jax.tree.structure(tree)}"
             f"\n  {against}: {jax.tree.structure(reference)}"
         )
+
+
+def _leaves(names: list[str], shown: int = 3) -> str:
+    """``leaf 'a'``, or ``leaves 'a', 'b', 'c' and 2 more``."""
+    listed = ", ".join(repr(name) for name in names[:shown])
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{'leaf' if len(names) == 1 else 'leaves'} {listed}{more}"
 
 
 STATE = "optimizer state"

@@ -7,9 +7,13 @@ JAX arrays). A tracer, such as the value ``optax.inject_hyperparams`` passes ins
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import numbers
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import jax
 import numpy as np
@@ -141,3 +145,49 @@ def check_state_dtype(value: Any) -> None:
             "`state_dtype` must be a floating-point dtype or None. "
             f"Received: state_dtype={dtype}"
         )
+
+
+# Arguments a user brings from tf.keras or optax, and what they are called here.
+_SPELLINGS_ELSEWHERE = {
+    "lr": "tf.keras' name of `learning_rate`",
+    "decay": (
+        "tf.keras' time-based decay of the learning rate: pass a schedule as "
+        "`learning_rate`, `keras.optimizers.schedules.InverseTimeDecay(lr, 1, "
+        "decay)`; for a decay of the weights, `weight_decay`"
+    ),
+    "b1": "optax's name of `beta_1`",
+    "b2": "optax's name of `beta_2`",
+    "eps": "optax's name of `epsilon`",
+}
+
+_Parameters = ParamSpec("_Parameters")
+_Result = TypeVar("_Result")
+
+
+def refuse_unknown_keywords(
+    function: Callable[_Parameters, _Result],
+) -> Callable[_Parameters, _Result]:
+    """``function``, whose unknown keyword arguments get a ``TypeError`` naming
+    each and the argument probably meant (tf.keras' and optax's spellings, or
+    the closest name), before anything runs."""
+    names = list(inspect.signature(function).parameters)
+
+    @functools.wraps(function)
+    def checked(*args: _Parameters.args, **kwargs: _Parameters.kwargs) -> _Result:
+        unknown = [name for name in kwargs if name not in names]
+        if unknown:
+            raise TypeError(
+                f"`{function.__name__}` got unknown keyword argument(s) "
+                + "; ".join(_unknown(name, names) for name in unknown)
+                + "."
+            )
+        return function(*args, **kwargs)
+
+    return checked
+
+
+def _unknown(name: str, names: list[str]) -> str:
+    if name in _SPELLINGS_ELSEWHERE:
+        return f"`{name}` ({_SPELLINGS_ELSEWHERE[name]})"
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f"`{name}`" + (f" (did you mean `{close[0]}`?)" if close else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 
@@ -240,7 +241,8 @@ def test_params_unlike_the_state_name_the_leaf(options):
     state = tx.init(params)
     with pytest.raises(
         ValueError,
-        match=r"params do not match .*: leaf 1 is missing in the params, 'b'",
+        match=r"params do not match the gradients: the params have no leaf 'b' "
+        r"\(the gradients: 2 leaves, the params: 1\)",
     ):
         tx.update(params, state, {"a": jnp.ones(3)})
     with pytest.raises(ValueError, match=r"leaf 'b' has shape \(4,\) in the params"):
@@ -252,7 +254,29 @@ def test_gradients_unlike_the_state_name_the_leaf_and_the_state():
     state = tx.init({"a": jnp.ones(3), "b": jnp.ones(2)})
     with pytest.raises(
         ValueError,
-        match=r"gradients do not match the optimizer state: "
-        r"leaf 1 is 'c' in the gradients, 'b'",
+        match=r"gradients do not match the optimizer state: the gradients have no "
+        r"leaf 'b'; the gradients have leaf 'c' that the optimizer state lacks",
     ):
         tx.update({"a": jnp.ones(3), "c": jnp.ones(2)}, state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(lr=1e-3), r"`lr` \(tf.keras' name of `learning_rate`\)"),
+        (dict(decay=1e-4), r"`decay` \(tf.keras' time-based decay .*InverseTimeDecay"),
+        (dict(eps=1e-8), r"`eps` \(optax's name of `epsilon`\)"),
+        (dict(weight_decya=0.1), r"`weight_decya` \(did you mean `weight_decay`\?\)"),
+        (dict(use_emma=True), r"`use_emma` \(did you mean `use_ema`\?\)"),
+        (dict(zzz=1), r"unknown keyword argument\(s\) `zzz`\.$"),
+    ],
+)
+def test_an_unknown_keyword_names_it_and_the_argument_meant(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        adamax(**kwargs)
+
+
+def test_refusing_unknown_keywords_keeps_the_signature():
+    assert list(inspect.signature(adamax).parameters)[:2] == ["learning_rate", "beta_1"]
+    state = adamax(0.1).init(jnp.ones(2))  # positional arguments still bind
+    np.testing.assert_allclose(state["learning_rate"].learning_rate, 0.1)
