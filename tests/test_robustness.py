@@ -70,7 +70,9 @@ def test_gradient_tree_that_does_not_match_the_parameters(jit):
     state = tx.init(params)
     update = jax.jit(tx.update) if jit else tx.update
     with pytest.raises(
-        ValueError, match=r"gradients do not match the optimizer state: leaf 0 is 'w'"
+        ValueError,
+        match=r"gradients do not match the optimizer state: the gradients have no "
+        r"leaf 'b' \(the optimizer state: 2 leaves, the gradients: 1\)",
     ):
         update({"w": jnp.ones(3)}, state, params)
     with pytest.raises(ValueError, match=r"leaf 'b' has shape \(3,\) in the gradients"):
