@@ -262,8 +262,9 @@ def check_tree_match(
     references = jax.tree_util.tree_flatten_with_path(reference)[0]
     names = [key_path_name(path) for path, _ in leaves]
     reference_names = [key_path_name(path) for path, _ in references]
-    missing = [name for name in reference_names if name not in frozenset(names)]
-    extra = [name for name in names if name not in frozenset(reference_names)]
+    present, expected = frozenset(names), frozenset(reference_names)
+    missing = [name for name in reference_names if name not in present]
+    extra = [name for name in names if name not in expected]
     if missing or extra:
         differences = []
         if missing:

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from footprint import donated
 from peers import FULL_OPTIONS
 
 from adamax_optax import _grouping, adamax
@@ -38,15 +39,8 @@ KERNEL = re.compile(r"=\s*\S+\s+(fusion|while|conditional)\(")
 def kernels(tx: optax.GradientTransformation, leaves: int) -> int:
     """The kernels of one donated update + apply step over ``leaves`` leaves."""
     params = {f"w{i:04d}": jnp.zeros((32, 32)) for i in range(leaves)}
-
-    def step(params: Any, state: Any, grads: Any) -> Any:
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
     state = jax.eval_shape(tx.init, params)
-    compiled = (
-        jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
-    )
+    compiled = donated(tx).lower(params, state, params).compile()
     return sum(1 for line in compiled.as_text().splitlines() if KERNEL.search(line))
 
 
