@@ -44,6 +44,9 @@ from adamax_optax._migration import migrate_state as migrate_state
 from adamax_optax._sharding import state_shardings as state_shardings
 from adamax_optax._skip_nonfinite import SkipNonfiniteState as SkipNonfiniteState
 from adamax_optax._skip_nonfinite import skip_nonfinite as skip_nonfinite
+from adamax_optax._stochastic_rounding import (
+    stochastic_rounding as stochastic_rounding,
+)
 from adamax_optax._state import get_iterations as get_iterations
 from adamax_optax._state import get_learning_rate as get_learning_rate
 from adamax_optax._state import get_loss_scale as get_loss_scale
@@ -93,6 +96,7 @@ __all__ = [
     "scale_by_keras_learning_rate",
     "skip_nonfinite",
     "state_shardings",
+    "stochastic_rounding",
     "to_keras_optimizer",
     "unscale_gradients",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,8 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adamax_optax import _common, _runner, _validation
+from adamax_optax import _common, _grouping, _runner, _validation
+from adamax_optax import _quantization as q8
 
 
 class ScaleByKerasAdamaxState(NamedTuple):
@@ -21,11 +22,52 @@ class ScaleByKerasAdamaxState(NamedTuple):
         ``t = count + 1`` for its bias correction.
       m: first moment, one leaf per parameter.
       u: exponentially weighted infinity norm, one leaf per parameter.
+
+    With ``quantized_state=True`` a large leaf's ``m`` holds both its moments
+    in 8 bits each (``Moments8Bit``: a 16-bit word an element and a float32
+    scale per block) and its ``u`` is an ``optax.MaskedNode``; read them as
+    numbers with :meth:`moments`.
     """
 
     count: jax.Array
     m: optax.Updates
     u: optax.Updates
+
+    def moments(self) -> tuple[optax.Updates, optax.Updates]:
+        """``(m, u)`` as float arrays, 8-bit leaves decoded to float32."""
+        return decoded_moments(self.m, self.u)
+
+
+def decoded_moments(m: Any, u: Any) -> tuple[Any, Any]:
+    """``m`` and ``u`` trees with every 8-bit leaf decoded to float32."""
+
+    def pick(index: int) -> Any:
+        return jax.tree.map(
+            lambda m, u: q8.decode(m)[index] if q8.is_8bit(m) else (m, u)[index],
+            m,
+            u,
+            is_leaf=q8.is_8bit,
+        )
+
+    return pick(0), pick(1)
+
+
+def encoded_moments(m: Any, u: Any, like_m: Any) -> tuple[Any, Any]:
+    """Float ``m`` and ``u`` in the form of ``like_m``: encoded (rounded to
+    nearest) where ``like_m`` holds a leaf in 8 bits."""
+
+    def encode(m: Any, u: Any, like: Any) -> Any:
+        if not q8.is_8bit(like):
+            return _Moments(m, u)
+        m, u = jnp.asarray(m, jnp.float32), jnp.asarray(u, jnp.float32)
+        scale = q8.block_max_abs(u, like.block)
+        return _Moments(q8.encode(m, u, scale), optax.MaskedNode())
+
+    pairs = jax.tree.map(encode, m, u, like_m, is_leaf=q8.is_8bit)
+    return (
+        jax.tree.map(lambda pair: pair.m, pairs, is_leaf=_is_moments),
+        jax.tree.map(lambda pair: pair.u, pairs, is_leaf=_is_moments),
+    )
 
 
 def scale_by_keras_adamax(
@@ -34,6 +76,8 @@ def scale_by_keras_adamax(
     epsilon: ArrayLike = 1e-7,
     *,
     state_dtype: DTypeLike | None = None,
+    quantized_state: bool = False,
+    quantized_block_size: int = q8.DEFAULT_BLOCK_SIZE,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by the Adamax rule exactly as Keras computes it.
 
@@ -70,6 +114,14 @@ def scale_by_keras_adamax(
       epsilon: added to ``u`` before dividing, >= 0.
       state_dtype: precision of ``m`` and ``u``; ``None`` keeps each parameter's
         dtype. A complex parameter keeps complex ``m`` of that precision.
+      quantized_state: hold ``m`` and ``u`` of every leaf of 4096 elements or
+        more in 8 bits each (2 bytes a parameter, plus 4 bytes of scale per
+        block), decoded to float32 for the arithmetic and encoded again after
+        it; smaller leaves stay in ``state_dtype``. The encoding is on the
+        documentation's *Memory* page. Real parameters only.
+      quantized_block_size: the most elements along the last axis that share
+        one scale, a positive integer: the block of a leaf is the largest
+        divisor of its last axis up to this.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` that is also a block (see
@@ -94,13 +146,40 @@ def scale_by_keras_adamax(
     _validation.check_in_unit_interval("beta_2", beta_2)
     _validation.check_non_negative("epsilon", epsilon)
     _validation.check_state_dtype(state_dtype)
+    _validation.check_bool("quantized_state", quantized_state)
+    _validation.check_integer_at_least(
+        "quantized_block_size",
+        quantized_block_size,
+        1,
+        "`quantized_block_size` must be a positive integer.",
+    )
+
+    def block_of(leaf: Any, axes: tuple[int, ...] | None) -> int | None:
+        """The block length of a leaf's 8-bit moments, or ``None`` (float)."""
+        if not quantized_state:
+            return None
+        shape = tuple(np.shape(leaf))
+        member = shape if axes is None else tuple(shape[a] for a in axes)
+        return q8.block_length(member, quantized_block_size)
 
     def init_fn(params: optax.Params) -> ScaleByKerasAdamaxState:
         _common.check_float_params(params, "scale_by_keras_adamax")
+        if quantized_state:
+            _refuse_complex(params)
+
+        def moments(leaf: Any, axes: tuple[int, ...] | None) -> tuple[Any, Any]:
+            block = block_of(leaf, axes)
+            if block is None:
+                return (
+                    _common.zeros_like_in(leaf, state_dtype),
+                    _common.zeros_like_in(leaf, state_dtype, real=True),
+                )
+            return q8.zeros(tuple(np.shape(leaf)), block, like=leaf), optax.MaskedNode()
+
         return ScaleByKerasAdamaxState(
             count=jnp.zeros([], jnp.int32),
-            m=_common.zeros_like_in(params, state_dtype),
-            u=_common.zeros_like_in(params, state_dtype, real=True),
+            m=_grouping.map_members(lambda x, a: moments(x, a)[0], params),
+            u=_grouping.map_members(lambda x, a: moments(x, a)[1], params),
         )
 
     def advance(
@@ -109,7 +188,10 @@ def scale_by_keras_adamax(
         params: optax.Params | None = None,
     ) -> ScaleByKerasAdamaxState:
         del params
-        _common.check_updates_match(updates, state.m, "scale_by_keras_adamax")
+        per_parameter = jax.tree.map(
+            lambda m: m.codes if q8.is_8bit(m) else m, state.m, is_leaf=q8.is_8bit
+        )
+        _common.check_updates_match(updates, per_parameter, "scale_by_keras_adamax")
 
         def first_moment(g: jax.Array, m: jax.Array) -> jax.Array:
             g = _common.sharded_like(g, m)
@@ -127,10 +209,34 @@ def scale_by_keras_adamax(
             modulus = jnp.abs(g.astype(dtype))
             return jnp.maximum(b2 * u.astype(real), modulus).astype(u.dtype)
 
+        count = optax.safe_increment(state.count)
+
+        def eight_bit(g: jax.Array, moments: q8.Moments8Bit) -> q8.Moments8Bit:
+            # Decoded, advanced in float32 as a float state is, encoded again;
+            # the block scale is the float rule's block maximum.
+            g = _common.sharded_like(g, moments.codes).astype(jnp.float32)
+            b1 = _common.as_compute_scalar(beta_1, jnp.float32)
+            b2 = _common.as_compute_scalar(beta_2, jnp.float32)
+            m, u = q8.decode(moments)
+            m = m + (g - m) * (1 - b1)
+            u = jnp.maximum(b2 * u, jnp.abs(g))
+            scale = jnp.maximum(
+                b2 * moments.scale, q8.block_max_abs(g, moments.block)
+            )
+            return q8.encode(m, u, scale, q8.dither_bits(g.shape, count))
+
+        def advance_leaf(g: jax.Array, m: Any, u: Any) -> Any:
+            if q8.is_8bit(m):
+                return _Moments(eight_bit(g, m), u)
+            return _Moments(first_moment(g, m), infinity_norm(g, u))
+
+        advanced = jax.tree.map(
+            advance_leaf, updates, state.m, state.u, is_leaf=q8.is_8bit
+        )
         return ScaleByKerasAdamaxState(
-            count=optax.safe_increment(state.count),
-            m=jax.tree.map(first_moment, updates, state.m),
-            u=jax.tree.map(infinity_norm, updates, state.u),
+            count=count,
+            m=jax.tree.map(lambda pair: pair.m, advanced, is_leaf=_is_moments),
+            u=jax.tree.map(lambda pair: pair.u, advanced, is_leaf=_is_moments),
         )
 
     def emit(
@@ -157,6 +263,26 @@ def scale_by_keras_adamax(
             direction = _common.divide_by_real(m.astype(dtype), denominator)
             return _common.sharded_like(direction.astype(g.dtype), g)
 
-        return jax.tree.map(direction, updates, new_state.m, new_state.u)
+        m, u = decoded_moments(new_state.m, new_state.u)
+        return jax.tree.map(direction, updates, m, u)
 
     return _runner.from_phases(init_fn, advance, emit)
+
+
+class _Moments(NamedTuple):
+    m: Any
+    u: Any
+
+
+def _is_moments(x: Any) -> bool:
+    return isinstance(x, _Moments)
+
+
+def _refuse_complex(params: Any) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if _common.is_complex(jnp.result_type(leaf)):
+            raise TypeError(
+                "`quantized_state=True` holds real moments only; leaf "
+                f"{_common.key_path_name(path)!r} is {jnp.result_type(leaf)}. "
+                "Keep complex parameters in a float state (`quantized_state=False`)."
+            )

@@ -37,7 +37,11 @@ from adamax_optax._learning_rate import (
 )
 from adamax_optax._loss_scale import unscale_gradients
 from adamax_optax._migration import state_mismatch
+from adamax_optax._quantization import DEFAULT_BLOCK_SIZE
 from adamax_optax._skip_nonfinite import skip_nonfinite as wrap_skip_nonfinite
+from adamax_optax._stochastic_rounding import (
+    stochastic_rounding as round_stochastically,
+)
 from adamax_optax._weight_decay import (
     ExcludeFromWeightDecay,
     decoupled_weight_decay,
@@ -82,6 +86,10 @@ def adamax(
     exclude_from_ema: ExcludeFromWeightDecay = None,
     skip_nonfinite: bool = False,
     skip_norm_above: ArrayLike | None = None,
+    quantized_state: bool = False,
+    quantized_block_size: int = DEFAULT_BLOCK_SIZE,
+    stochastic_rounding: bool = False,
+    rounding_seed: int = 0,
     gating: _gate.Gating | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keras' ``Adamax`` optimizer, every option included, as an optax transform.
@@ -171,6 +179,19 @@ def adamax(
         :func:`get_skipped_steps` counts the skipped calls.
       skip_norm_above: with ``skip_nonfinite``, also skip a call whose global
         gradient norm (before clipping) exceeds this, > 0, or ``None``.
+      quantized_state: beyond Keras, off by default: hold ``m`` and ``u`` of
+        each leaf of 4096 elements or more in 8 bits each, 2 bytes a
+        parameter instead of 8 in float32 (see :func:`scale_by_keras_adamax`
+        and the documentation's *Memory* page). The accumulator and the EMA
+        stay in ``state_dtype``. Real parameters only.
+      quantized_block_size: with ``quantized_state``, the most elements along
+        a leaf's last axis that share one scale; a positive integer.
+      stochastic_rounding: beyond Keras, off by default: round each new
+        bfloat16 or float16 parameter up or down at random, so that updates
+        below half a unit in its last place still move it on average (see
+        :func:`stochastic_rounding`). Float32 parameters are unaffected.
+      rounding_seed: with ``stochastic_rounding``, the seed of its key (kept
+        in the state), a non-negative integer.
       gating: an expert setting, for measuring: how a call that leaves the
         state alone (an accumulation micro-step, a skipped step) is compiled:
         ``"loop"``, ``"cond"``, ``"where"`` (computes the inner update and
@@ -180,7 +201,7 @@ def adamax(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
-      when ``weight_decay`` or ``use_ema`` is set. Gradients are cast to their
+      when ``weight_decay``, ``use_ema`` or ``stochastic_rounding`` is set. Gradients are cast to their
       parameter's dtype first, as Keras casts them to the variable's, so the
       updates come back in each parameter's dtype (a float32 parameter with
       bfloat16 gradients gets float32 updates); called without ``params``, in
@@ -219,7 +240,14 @@ def adamax(
         *_clipping(clipnorm, clipvalue, global_clipnorm),
         (
             "adamax",
-            scale_by_keras_adamax(beta_1, beta_2, epsilon, state_dtype=state_dtype),
+            scale_by_keras_adamax(
+                beta_1,
+                beta_2,
+                epsilon,
+                state_dtype=state_dtype,
+                quantized_state=quantized_state,
+                quantized_block_size=quantized_block_size,
+            ),
         ),
     ]
     if weight_decay is not None:
@@ -239,6 +267,10 @@ def adamax(
             exclude_from_ema=exclude_from_ema,
         )
         update_chain.append(("ema", ema))
+    if stochastic_rounding:
+        update_chain.append(
+            ("stochastic_rounding", round_stochastically(rounding_seed))
+        )
 
     if gradient_accumulation_steps is not None:
         accumulate = accumulate_gradients(
@@ -354,7 +386,7 @@ def _validate(arguments: Mapping[str, Any]) -> None:
     _validation.check_only_one_clip(
         arguments["clipnorm"], arguments["clipvalue"], arguments["global_clipnorm"]
     )
-    for flag in ("use_ema", "ema_warmup", "skip_nonfinite"):
+    for flag in ("use_ema", "ema_warmup", "skip_nonfinite", "stochastic_rounding"):
         _validation.check_bool(flag, arguments[flag])
     _validation.check_ema_momentum(arguments["ema_momentum"])
     check_ema_overwrite_frequency(arguments["ema_overwrite_frequency"])
@@ -373,6 +405,8 @@ _ACTS_ONLY_WITH = (
     ("exclude_from_ema", "use_ema"),
     ("skip_norm_above", "skip_nonfinite"),
     ("exclude_from_weight_decay", "weight_decay"),
+    ("quantized_block_size", "quantized_state"),
+    ("rounding_seed", "stochastic_rounding"),
 )
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamax_optax import _common, _runner
+from adamax_optax import _common, _quantization, _runner
 
 MAX_ELEMENTS = 2**16
 """A leaf of this many elements or more is never stacked: its bytes, not its
@@ -99,6 +99,8 @@ def _stack(leaves: list[Any]) -> Any:
     first = leaves[0]
     if isinstance(first, optax.MaskedNode):
         return first
+    if _quantization.is_8bit(first):  # 8-bit moments: codes and scales
+        return jax.tree.map(lambda *xs: _stack(list(xs)), *leaves)
     if isinstance(first, jax.ShapeDtypeStruct):  # an abstract tree
         return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
     dtype = jnp.result_type(*leaves)
@@ -116,6 +118,11 @@ def _unstack(part: Any, count: int) -> list[Any]:
         return [jax.ShapeDtypeStruct(part.shape[1:], part.dtype)] * count
     if isinstance(part, bool | np.bool_):  # a label mask's entry
         return [part] * count
+    if _quantization.is_8bit(part):
+        codes, scales = (_unstack(x, count) for x in (part.codes, part.scale))
+        return [
+            _quantization.Moments8Bit(c, s) for c, s in zip(codes, scales, strict=True)
+        ]
     part = _whole_on_axis_0(part)
     return [jax.lax.index_in_dim(part, i, keepdims=False) for i in range(count)]
 

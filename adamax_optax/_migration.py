@@ -14,7 +14,11 @@ import optax
 
 from adamax_optax import _common, _grouping
 from adamax_optax._accumulation import AccumulateGradientsState
-from adamax_optax._adamax import ScaleByKerasAdamaxState
+from adamax_optax._adamax import (
+    ScaleByKerasAdamaxState,
+    decoded_moments,
+    encoded_moments,
+)
 from adamax_optax._dynamic_loss_scale import DynamicLossScaleState
 from adamax_optax._ema import ParameterEMAState, is_masked
 from adamax_optax._learning_rate import (
@@ -23,6 +27,7 @@ from adamax_optax._learning_rate import (
 )
 from adamax_optax._loss_scale import UnscaleGradientsState
 from adamax_optax._skip_nonfinite import SkipNonfiniteState
+from adamax_optax._stochastic_rounding import StochasticRoundingState
 
 ROLES: dict[str, tuple[type, frozenset[str]]] = {
     "adamax": (ScaleByKerasAdamaxState, frozenset()),
@@ -35,6 +40,7 @@ ROLES: dict[str, tuple[type, frozenset[str]]] = {
     ),
     "skip_nonfinite": (SkipNonfiniteState, frozenset({"last_skipped"})),
     "loss_scale": (UnscaleGradientsState, frozenset()),
+    "stochastic_rounding": (StochasticRoundingState, frozenset()),
 }
 """Each role's state type, and the fields it gained after 0.1 (a state saved
 by an earlier version may lack them)."""
@@ -153,6 +159,16 @@ def _carry(old: Any, fresh: Any, where: str) -> Any:
     return jax.tree.unflatten(treedef, carried)
 
 
+def _carry_moments(old: dict[str, Any], fresh: ScaleByKerasAdamaxState) -> Any:
+    """The old ``m`` and ``u`` in the fresh state's form: decoded from 8 bits
+    where the old state held them so, encoded where the fresh one does."""
+    old_m, old_u = decoded_moments(old["m"], old["u"])
+    fresh_m, fresh_u = decoded_moments(fresh.m, fresh.u)
+    m = _carry(old_m, fresh_m, "adamax.m")
+    u = _carry(old_u, fresh_u, "adamax.u")
+    return encoded_moments(m, u, fresh.m)
+
+
 def _default(role: str, field: str, old: dict[str, Any], fresh: Any) -> Any:
     """A field the old state lacks: a 0.1 accumulation group weighed each call
     1, so its weight is its micro-step count; anything else starts fresh."""
@@ -176,8 +192,12 @@ def _rebuild(node: Any, found: dict[str, list[dict[str, Any]]]) -> Any:
             return node._replace(**{INNER: _rebuild(node.inner_state, found)})
         old = olds.pop(0)
         values = {}
+        if role == "adamax" and {"m", "u"} <= set(old):
+            values["m"], values["u"] = _carry_moments(old, node)
         for name in kind._fields:
             fresh = getattr(node, name)
+            if name in values:
+                continue
             if name == INNER:
                 values[name] = _rebuild(fresh, found)
             elif name in old:

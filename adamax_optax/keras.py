@@ -352,6 +352,8 @@ UNEXPORTABLE = (
     "ema_warmup",
     "exclude_from_ema",
     "exclude_from_weight_decay",
+    "quantized_state",
+    "stochastic_rounding",
 )
 """Options Keras has no variable or setting for (harmless when off or empty)."""
 

@@ -129,6 +129,17 @@ COMPOSITIONS = {
         lambda g: dynamic_loss_scale(blocks(), gating=g),
         GRADIENT_BYTES,
     ),
+    # 8-bit moments: XLA:CPU recomputes the update from the old codes rather
+    # than read the new ones, so it keeps a copy of the codes (2 bytes a
+    # parameter), and a clipped gradient's block maxima read it from memory.
+    "adamax(quantized_state)": (
+        lambda g: adamax(quantized_state=True, gating=g),
+        GRADIENT_BYTES,
+    ),
+    "adamax(N=4, quantized_state)": (
+        lambda g: adamax(quantized_state=True, **ACCUMULATE, gating=g),
+        GRADIENT_BYTES,
+    ),
     "adamax(skip_nonfinite)": (
         lambda g: adamax(skip_nonfinite=True, gating=g),
         0,
@@ -200,6 +211,19 @@ def assert_in_place(compiled, allowed_temporary_bytes=0):
 def test_update_compiles_to_in_place_form(name, gating):
     make, allowed = COMPOSITIONS[name]
     assert_in_place(compile_step(make(gating)), allowed)
+
+
+@pytest.mark.parametrize("gating", [None, "cond"])
+def test_quantized_state_with_every_option_holds_one_gradient_at_most(gating):
+    # The "loop" gating holds two gradients' bytes here (measured 3.4 MB).
+    tx = adamax(
+        quantized_state=True,
+        skip_nonfinite=True,
+        dynamic_loss_scale=True,
+        **EVERY_OPTION,
+        gating=gating,
+    )
+    assert_in_place(compile_step(tx), GRADIENT_BYTES)
 
 
 @pytest.mark.parametrize("name", WHERE_IN_PLACE)

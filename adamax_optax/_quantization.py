@@ -1,0 +1,218 @@
+"""Adamax's moments in 8 bits: ``u`` as a small float per block, ``m`` as ``m / u``.
+
+Adamax suits 8-bit state better than Adam does. Its infinity norm
+``u = maximum(beta_2 * u, |g|)`` is non-negative, and the first moment is
+bounded by it elementwise (``|m| <= u``, up to 1% for ``beta_1 < beta_2``), so
+the update direction ``m / (u + epsilon)`` is a ratio in ``[-1, 1]``. The
+encoding keeps exactly what that direction needs:
+
+* ``u``: one float32 ``scale`` per block of ``block`` elements along the last
+  axis (the block's largest ``u``), and per element an unsigned byte ``k``, an
+  8-bit float of ``u / scale`` with 4 exponent and 4 mantissa bits:
+  ``u = scale * 2 ** (e - 15) * (1 + f / 16)`` for ``k = 16 * e + f - 17`` in
+  1..255, and ``u = 0`` for ``k = 0``. That keeps every ``u`` to 3.1% of
+  itself over 16 octaves below its block's largest, where a linear code would
+  zero the small ones.
+* ``m``: a signed byte ``j`` per element, ``m = u * j / 127``: the ratio the
+  direction reads, to within 1/254 of ``u``.
+
+Both are integer arithmetic on the float's bits (no logarithm), which XLA
+fuses into the update's one pass. Codes are rounded stochastically (``floor(x
++ d)``, ``d`` uniform in [0, 1)), so that a slow decay such as ``u``'s 0.1% a
+step, smaller than a code's width, still happens on average; ``d`` is a hash
+of the element's position and the update count, reproducible and free of any
+key. The block scale follows the float rule exactly,
+``scale = maximum(beta_2 * scale, max(|g|))``.
+
+A NaN or an infinity in a gradient makes its whole block NaN for good, where
+float state makes one element NaN (both never recover: use ``skip_nonfinite``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MANTISSA_BITS = 4
+"""Bits of ``u / scale``'s mantissa in its code: 16 steps an octave."""
+
+TOP_CODE = 255
+"""``u``'s code for its block's scale (``u / scale = 1``)."""
+
+_SHIFT = 23 - MANTISSA_BITS  # float32 bits below the code's mantissa
+_BASE = (127 << MANTISSA_BITS) - TOP_CODE  # float32 (exponent, mantissa) of k = 0
+
+RATIO_CODES = 127
+"""``m``'s code for ``m = u``."""
+
+DEFAULT_BLOCK_SIZE = 256
+"""Elements per scale: 4 bytes of scale per 256 elements, 1/64 byte each."""
+
+MIN_QUANTIZED_SIZE = 4096
+"""A leaf of fewer elements keeps its moments in ``state_dtype``, as
+bitsandbytes keeps small tensors: they are a few bytes of the model and the
+most sensitive (biases, norms)."""
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
+class Moments8Bit:
+    """A leaf's ``m`` and ``u`` in 8 bits each, one 16-bit word an element.
+
+    Attributes:
+      codes: ``uint16``, the leaf's shape: ``u``'s code in the high byte,
+        ``m``'s (a signed byte) in the low byte.
+      scale: ``float32``, the leaf's shape with its last axis divided by the
+        block length: each block's largest ``u``.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+
+    def tree_flatten_with_keys(self) -> tuple[Any, None]:
+        keys = (jax.tree_util.GetAttrKey("codes"), jax.tree_util.GetAttrKey("scale"))
+        return list(zip(keys, (self.codes, self.scale), strict=True)), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: Any) -> Moments8Bit:
+        del aux
+        return cls(*children)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.codes))
+
+    @property
+    def block(self) -> int:
+        return self.shape[-1] // int(np.shape(self.scale)[-1])
+
+
+def is_8bit(x: Any) -> bool:
+    return isinstance(x, Moments8Bit)
+
+
+def block_length(shape: tuple[int, ...], block_size: int) -> int | None:
+    """The block length for a leaf of ``shape``: the largest divisor of its
+    last axis up to ``block_size``, or ``None`` (kept in ``state_dtype``) for a
+    leaf too small or whose last axis has no divisor above ``block_size / 8``."""
+    if len(shape) == 0 or math.prod(shape) < MIN_QUANTIZED_SIZE:
+        return None
+    last = shape[-1]
+    length = max(d for d in range(1, min(block_size, last) + 1) if last % d == 0)
+    return length if length * 8 >= min(block_size, last) else None
+
+
+def zeros(shape: tuple[int, ...], block: int, like: Any = None) -> Moments8Bit:
+    """The codes of ``m = u = 0``."""
+    scale_shape = (*shape[:-1], shape[-1] // block)
+    codes = (
+        jnp.zeros(shape, jnp.uint16)
+        if like is None  # else keeps the leaf's sharding where it has one
+        else jnp.zeros_like(like, dtype=jnp.uint16)
+    )
+    return Moments8Bit(codes, jnp.zeros(scale_shape, jnp.float32))
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    """``x`` with its last axis split into ``(blocks, block)``."""
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+
+
+def _u_over_scale(u_codes: jax.Array) -> jax.Array:
+    """``u / scale`` (float32) from ``u``'s codes (int32)."""
+    bits = (u_codes + _BASE).astype(jnp.uint32) << _SHIFT
+    ratio = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return jnp.where(u_codes == 0, 0.0, ratio)
+
+
+def _reciprocal(x: jax.Array) -> jax.Array:
+    """``1 / x`` for ``x`` in (0, 1] to float32's precision, by a bit-level
+    first guess and three Newton steps: multiplications only, which XLA fuses
+    where it keeps a division's result in memory."""
+    guess = jax.lax.bitcast_convert_type(
+        jnp.uint32(0x7EF311C3) - jax.lax.bitcast_convert_type(x, jnp.uint32),
+        jnp.float32,
+    )
+    for _ in range(3):
+        guess = guess * (2.0 - x * guess)
+    return guess
+
+
+def _per_element(scale: jax.Array, block: int) -> jax.Array:
+    """A block scale repeated over its block's elements (the leaf's shape).
+    Every per-element array keeps the leaf's shape, so that XLA writes the new
+    codes over the old in place."""
+    return jnp.repeat(scale, block, axis=-1)
+
+
+def decode(moments: Moments8Bit) -> tuple[jax.Array, jax.Array]:
+    """``(m, u)`` in float32 from their codes."""
+    word = jax.lax.bitcast_convert_type(moments.codes, jnp.int16)
+    u_codes = (word >> 8).astype(jnp.int32) & 0xFF
+    m_codes = ((word << 8) >> 8).astype(jnp.float32)  # the low byte, signed
+    u = _per_element(moments.scale, moments.block) * _u_over_scale(u_codes)
+    return m_codes * (1.0 / RATIO_CODES) * u, u
+
+
+def encode(
+    m: jax.Array,
+    u: jax.Array,
+    scale: jax.Array,
+    dither: jax.Array | None = None,
+) -> Moments8Bit:
+    """The codes of float32 ``m`` and ``u`` against the block ``scale`` (each
+    block's largest ``u``); ``dither``: 32 random bits per element
+    (:func:`dither_bits`) for stochastic rounding, ``None`` for round to
+    nearest."""
+    block = u.shape[-1] // scale.shape[-1]
+    inverse_scale = _per_element(jnp.where(scale > 0, 1.0 / scale, 0.0), block)
+    ratio_bits = jax.lax.bitcast_convert_type(u * inverse_scale, jnp.uint32)
+    if dither is None:
+        u_dither, m_dither = jnp.uint32(1 << (_SHIFT - 1)), 0.5
+    else:
+        u_dither = dither >> (32 - _SHIFT)
+        m_dither = (dither & 0xFFFF).astype(jnp.float32) * (1.0 / 65536.0)
+    # Adding the dither below the kept bits and truncating rounds the
+    # (exponent, mantissa) pair: linearly within an octave, carrying across.
+    kept = ((ratio_bits + u_dither) >> _SHIFT).astype(jnp.int32) - _BASE
+    u_codes = jnp.clip(kept, 0, TOP_CODE)
+    u_ratio = _u_over_scale(u_codes)
+    ratio = jnp.where(u_ratio > 0, m * inverse_scale * _reciprocal(u_ratio), 0.0)
+    m_codes = jnp.clip(
+        jnp.floor(ratio * RATIO_CODES + m_dither), -RATIO_CODES, RATIO_CODES
+    ).astype(jnp.int32)
+    codes = (u_codes << 8) | (m_codes & 0xFF)
+    return Moments8Bit(codes.astype(jnp.uint16), scale)
+
+
+def block_max_abs(x: jax.Array, block: int) -> jax.Array:
+    """Each block's largest ``|x|`` (two reductions of ``x`` itself, which
+    XLA:CPU fuses where it would keep ``|x|`` in memory)."""
+    blocks = _blocks(x, block)
+    return jnp.maximum(jnp.max(blocks, axis=-1), -jnp.min(blocks, axis=-1))
+
+
+def dither_bits(shape: tuple[int, ...], count: jax.Array) -> jax.Array:
+    """32 pseudo-random bits per element (uint32), a hash of the element's
+    position and ``count`` (the murmur3 finaliser): the same for the same
+    step, different from one step to the next."""
+    position = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
+    stride = shape[-1]
+    for axis in range(len(shape) - 2, -1, -1):
+        position = position + jax.lax.broadcasted_iota(
+            jnp.uint32, shape, axis
+        ) * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    h = position * jnp.uint32(0x9E3779B1) + count.astype(jnp.uint32) * jnp.uint32(
+        0x85EBCA77
+    )
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)

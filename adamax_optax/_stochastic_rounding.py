@@ -1,0 +1,113 @@
+"""Stochastic rounding of low-precision parameters."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamax_optax import _common, _runner, _validation
+
+LOW_PRECISION = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+
+class StochasticRoundingState(NamedTuple):
+    """State of :func:`stochastic_rounding`.
+
+    Attributes:
+      key: the PRNG key of the next update, as ``jax.random.key_data``
+        (``uint32[2]``): an ordinary array, saved and restored with the state.
+    """
+
+    key: jax.Array
+
+
+def round_stochastically(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+    """``x`` (float32) rounded to ``dtype`` up or down at random, up with the
+    probability of its distance from the value below over the gap: unbiased,
+    ``E[round(x)] = x``."""
+    near = x.astype(dtype)
+    towards = jnp.where(near.astype(x.dtype) > x, -jnp.inf, jnp.inf).astype(dtype)
+    other = jnp.nextafter(near, towards)
+    gap = other.astype(x.dtype) - near.astype(x.dtype)
+    chance = jnp.where(gap != 0, (x - near.astype(x.dtype)) / gap, 0.0)
+    draw = jax.random.uniform(key, x.shape, x.dtype)
+    return jnp.where(draw < chance, other, near)
+
+
+def stochastic_rounding(seed: int = 0) -> optax.GradientTransformationExtraArgs:
+    r"""Rounds each new bfloat16 or float16 parameter stochastically.
+
+    With ``p`` a low-precision parameter and ``u`` its update, the new
+    parameter is ``round(float32(p) + float32(u))`` to ``p``'s dtype, up or
+    down at random with the probabilities that make it exact on average; the
+    update returned is that new parameter minus ``p``, exact in ``p``'s dtype,
+    so that ``optax.apply_updates`` lands on it. An update smaller than half a
+    unit in the last place, which round to nearest loses, moves the parameter
+    by its size on average. Other parameters' updates pass unchanged.
+
+    The key is ``seed``'s, split once per update, and part of the state.
+    Place it last in a chain: it needs the updates that will be applied.
+
+    Args:
+      seed: an integer, the seed of the key.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from adamax_optax import adamax
+      >>> tx = adamax(1e-3, stochastic_rounding=True)
+      >>> params = jnp.ones(1000, jnp.bfloat16)  # one unit in the last place: 2 ** -7
+      >>> state = tx.init(params)
+      >>> for _ in range(100):
+      ...     updates, state = tx.update(jnp.ones(1000), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> round(float(params.astype(jnp.float32).mean()), 1)  # 1 - 100 * 1e-3
+      0.9
+    """
+    _validation.check_integer_at_least(
+        "rounding_seed", seed, 0, "`rounding_seed` must be a non-negative integer."
+    )
+
+    def init_fn(params: optax.Params) -> StochasticRoundingState:
+        dtypes = {np.dtype(jnp.result_type(x)) for x in jax.tree.leaves(params)}
+        if jax.tree.leaves(params) and not dtypes & set(LOW_PRECISION):
+            warnings.warn(
+                "`stochastic_rounding=True` has no effect: no parameter is "
+                f"bfloat16 or float16 (they are {sorted(d.name for d in dtypes)}).",
+                UserWarning,
+                stacklevel=4,
+            )
+        return StochasticRoundingState(jax.random.key_data(jax.random.key(seed)))
+
+    def advance(updates, state, params=None):
+        del updates, params
+        key = jax.random.wrap_key_data(state.key)
+        return StochasticRoundingState(jax.random.key_data(jax.random.split(key)[0]))
+
+    def emit(updates, new_state, params=None):
+        _common.require_params(params, "stochastic_rounding", updates, "updates")
+        key = jax.random.fold_in(jax.random.wrap_key_data(new_state.key), 1)
+        leaves, treedef = jax.tree.flatten(updates)
+        rounded = []
+        for index, (u, p) in enumerate(
+            zip(leaves, treedef.flatten_up_to(params), strict=True)
+        ):
+            dtype = np.dtype(jnp.result_type(p))
+            if dtype not in LOW_PRECISION:
+                rounded.append(u)
+                continue
+            before = jnp.asarray(p).astype(jnp.float32)
+            after = round_stochastically(
+                before + u.astype(jnp.float32), dtype, jax.random.fold_in(key, index)
+            )
+            rounded.append((after.astype(jnp.float32) - before).astype(u.dtype))
+        return treedef.unflatten(rounded)
+
+    return _runner.from_phases(init_fn, advance, emit)
