@@ -44,14 +44,14 @@ from adamax_optax._migration import migrate_state as migrate_state
 from adamax_optax._sharding import state_shardings as state_shardings
 from adamax_optax._skip_nonfinite import SkipNonfiniteState as SkipNonfiniteState
 from adamax_optax._skip_nonfinite import skip_nonfinite as skip_nonfinite
-from adamax_optax._stochastic_rounding import (
-    stochastic_rounding as stochastic_rounding,
-)
 from adamax_optax._state import get_iterations as get_iterations
 from adamax_optax._state import get_learning_rate as get_learning_rate
 from adamax_optax._state import get_loss_scale as get_loss_scale
 from adamax_optax._state import get_skipped_steps as get_skipped_steps
 from adamax_optax._state import has_updated as has_updated
+from adamax_optax._stochastic_rounding import (
+    stochastic_rounding as stochastic_rounding,
+)
 from adamax_optax._weight_decay import decoupled_weight_decay as decoupled_weight_decay
 from adamax_optax.keras import from_keras_config as from_keras_config
 from adamax_optax.keras import from_keras_optimizer as from_keras_optimizer

@@ -220,9 +220,7 @@ def scale_by_keras_adamax(
             m, u = q8.decode(moments)
             m = m + (g - m) * (1 - b1)
             u = jnp.maximum(b2 * u, jnp.abs(g))
-            scale = jnp.maximum(
-                b2 * moments.scale, q8.block_max_abs(g, moments.block)
-            )
+            scale = jnp.maximum(b2 * moments.scale, q8.block_max_abs(g, moments.block))
             return q8.encode(m, u, scale, q8.dither_bits(g.shape, count))
 
         def advance_leaf(g: jax.Array, m: Any, u: Any) -> Any:

@@ -87,9 +87,9 @@ def adamax(
     skip_nonfinite: bool = False,
     skip_norm_above: ArrayLike | None = None,
     quantized_state: bool = False,
-    quantized_block_size: int = DEFAULT_BLOCK_SIZE,
+    quantized_block_size: int | None = None,
     stochastic_rounding: bool = False,
-    rounding_seed: int = 0,
+    rounding_seed: int | None = None,
     gating: _gate.Gating | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keras' ``Adamax`` optimizer, every option included, as an optax transform.
@@ -185,13 +185,14 @@ def adamax(
         and the documentation's *Memory* page). The accumulator and the EMA
         stay in ``state_dtype``. Real parameters only.
       quantized_block_size: with ``quantized_state``, the most elements along
-        a leaf's last axis that share one scale; a positive integer.
+        a leaf's last axis that share one scale; a positive integer, or
+        ``None`` for 256.
       stochastic_rounding: beyond Keras, off by default: round each new
         bfloat16 or float16 parameter up or down at random, so that updates
         below half a unit in its last place still move it on average (see
         :func:`stochastic_rounding`). Float32 parameters are unaffected.
       rounding_seed: with ``stochastic_rounding``, the seed of its key (kept
-        in the state), a non-negative integer.
+        in the state), a non-negative integer, or ``None`` for 0.
       gating: an expert setting, for measuring: how a call that leaves the
         state alone (an accumulation micro-step, a skipped step) is compiled:
         ``"loop"``, ``"cond"``, ``"where"`` (computes the inner update and
@@ -246,7 +247,11 @@ def adamax(
                 epsilon,
                 state_dtype=state_dtype,
                 quantized_state=quantized_state,
-                quantized_block_size=quantized_block_size,
+                quantized_block_size=(
+                    DEFAULT_BLOCK_SIZE
+                    if quantized_block_size is None
+                    else quantized_block_size
+                ),
             ),
         ),
     ]
@@ -269,7 +274,7 @@ def adamax(
         update_chain.append(("ema", ema))
     if stochastic_rounding:
         update_chain.append(
-            ("stochastic_rounding", round_stochastically(rounding_seed))
+            ("stochastic_rounding", round_stochastically(rounding_seed or 0))
         )
 
     if gradient_accumulation_steps is not None:

@@ -1,0 +1,140 @@
+"""Stochastic rounding of bfloat16 and float16 parameters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from adamax_optax import adamax
+from adamax_optax._common import find_states
+from adamax_optax._stochastic_rounding import (
+    StochasticRoundingState,
+    round_stochastically,
+)
+
+ULP = 2.0**-7  # bfloat16's unit in the last place in [1, 2)
+
+
+def train(tx, params, steps, grads=None):
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for i in range(steps):
+        g = jnp.ones_like(params) if grads is None else grads[i]
+        updates, state = step(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def test_quarter_ulp_updates_move_bfloat16_parameters_on_average():
+    # Adamax's direction for a constant gradient is 1 (with float32 moments),
+    # so each update is -learning_rate: a quarter of bfloat16's unit at 1.5.
+    start = jnp.full(4096, 1.5, jnp.bfloat16)
+    lr, f32 = ULP / 4, jnp.float32
+    nearest, _ = train(adamax(lr, state_dtype=f32), start, 1000)
+    stochastic, _ = train(
+        adamax(lr, state_dtype=f32, stochastic_rounding=True), start, 1000
+    )
+    exact, _ = train(adamax(lr), start.astype(f32), 1000)
+    np.testing.assert_array_equal(nearest, start)  # round to nearest never moves
+    assert stochastic.dtype == jnp.bfloat16
+    mean = float(np.mean(np.asarray(stochastic, np.float32)))
+    target = float(np.mean(np.asarray(exact)))  # 1.5 - 1000 / 512
+    assert abs(target - (1.5 - 1000 * lr)) < 1e-3
+    # Each element's path is a sum of 1000 coin flips of at most one unit: the
+    # mean of 4096 of them is within 0.005 of the float32 path (over 5 sigma).
+    assert abs(mean - target) < 0.005
+
+
+def test_float16_parameters_too():
+    start = jnp.full(4096, 1.5, jnp.float16)
+    lr = 2.0**-10 / 4  # a quarter of float16's unit in [1, 2)
+    f32 = jnp.float32
+    nearest, _ = train(adamax(lr, state_dtype=f32), start, 200)
+    stochastic, _ = train(
+        adamax(lr, state_dtype=f32, stochastic_rounding=True), start, 200
+    )
+    np.testing.assert_array_equal(nearest, start)
+    mean = float(np.mean(np.asarray(stochastic, np.float32)))
+    assert abs(mean - (1.5 - 200 * lr)) < 2e-4
+
+
+def test_rounding_is_unbiased_and_lands_on_neighbours():
+    x = jnp.full(100_000, 1.0 + ULP * 0.3, jnp.float32)
+    rounded = round_stochastically(x, jnp.bfloat16, jax.random.key(0))
+    values = np.unique(np.asarray(rounded, np.float32))
+    np.testing.assert_array_equal(values, [1.0, 1.0 + ULP])
+    share_up = float(np.mean(np.asarray(rounded, np.float32) > 1.0))
+    assert abs(share_up - 0.3) < 0.01
+
+
+def test_same_seed_same_run_other_seed_other_run():
+    start = jnp.full(512, 1.5, jnp.bfloat16)
+    a, _ = train(adamax(ULP / 4, stochastic_rounding=True, rounding_seed=3), start, 50)
+    b, _ = train(adamax(ULP / 4, stochastic_rounding=True, rounding_seed=3), start, 50)
+    c, _ = train(adamax(ULP / 4, stochastic_rounding=True, rounding_seed=4), start, 50)
+    np.testing.assert_array_equal(a, b)
+    assert np.any(np.asarray(a) != np.asarray(c))
+
+
+def test_the_key_advances_once_per_update_not_per_micro_step():
+    params = jnp.full(64, 1.5, jnp.bfloat16)
+    tx = adamax(ULP, stochastic_rounding=True, gradient_accumulation_steps=2)
+    state = tx.init(params)
+    keys = []
+    for _ in range(4):
+        _, state = tx.update(jnp.ones(64), state, params)
+        keys.append(np.asarray(find_states(state, StochasticRoundingState)[0].key))
+    np.testing.assert_array_equal(
+        keys[0],
+        np.asarray(find_states(tx.init(params), StochasticRoundingState)[0].key),
+    )
+    assert np.any(keys[1] != keys[0])
+    np.testing.assert_array_equal(keys[2], keys[1])
+    assert np.any(keys[3] != keys[2])
+
+
+def test_checkpoint_keeps_the_key(tmp_path):
+    start = jnp.full(512, 1.5, jnp.bfloat16)
+    tx = adamax(ULP / 4, stochastic_rounding=True)
+    straight, _ = train(tx, start, 20)
+    half, state = train(tx, start, 10)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", {"params": half, "opt": state})
+    checkpointer.wait_until_finished()
+    target = jax.tree.map(
+        ocp.utils.to_shape_dtype_struct, {"params": start, "opt": tx.init(start)}
+    )
+    restored = checkpointer.restore(tmp_path / "ckpt", target)
+    params, state = restored["params"], restored["opt"]
+    step = jax.jit(tx.update)
+    for _ in range(10):
+        updates, state = step(jnp.ones(512), state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(params, straight)
+
+
+def test_float32_parameters_warn_that_it_has_no_effect():
+    tx = adamax(stochastic_rounding=True)
+    with pytest.warns(UserWarning, match="stochastic_rounding=True.*no effect"):
+        tx.init({"w": jnp.zeros(3)})
+
+
+def test_float32_leaves_beside_bfloat16_ones_are_unchanged():
+    params = {"low": jnp.full(64, 1.5, jnp.bfloat16), "full": jnp.full(64, 1.5)}
+    grads = [{"low": jnp.ones(64), "full": jnp.ones(64)}] * 5
+    ours, _ = train(adamax(1e-3, stochastic_rounding=True), params, 5, grads)
+    plain, _ = train(adamax(1e-3), params, 5, grads)
+    np.testing.assert_array_equal(ours["full"], plain["full"])
+
+
+def test_seed_without_the_option_warns_and_a_bad_seed_is_refused():
+    with pytest.warns(UserWarning, match="rounding_seed=5.*stochastic_rounding"):
+        adamax(rounding_seed=5)
+    with pytest.raises(ValueError, match="rounding_seed"):
+        adamax(stochastic_rounding=True, rounding_seed=-1)
+    with pytest.raises(TypeError, match="stochastic_rounding"):
+        adamax(stochastic_rounding="yes")
