@@ -202,11 +202,11 @@ def adamax(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
-      when ``weight_decay``, ``use_ema`` or ``stochastic_rounding`` is set. Gradients are cast to their
-      parameter's dtype first, as Keras casts them to the variable's, so the
-      updates come back in each parameter's dtype (a float32 parameter with
-      bfloat16 gradients gets float32 updates); called without ``params``, in
-      the gradients' dtype.
+      when ``weight_decay``, ``use_ema`` or ``stochastic_rounding`` is set.
+      Gradients are cast to their parameter's dtype first, as Keras casts them
+      to the variable's, so the updates come back in each parameter's dtype
+      (a float32 parameter with bfloat16 gradients gets float32 updates);
+      called without ``params``, in the gradients' dtype.
 
     Raises:
       ValueError, TypeError: for any argument out of range or of the wrong type,

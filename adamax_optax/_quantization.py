@@ -147,7 +147,10 @@ def _per_element(scale: jax.Array, block: int) -> jax.Array:
     """A block scale repeated over its block's elements (the leaf's shape).
     Every per-element array keeps the leaf's shape, so that XLA writes the new
     codes over the old in place."""
-    return jnp.repeat(scale, block, axis=-1)
+    spread = jax.lax.broadcast_in_dim(
+        scale, (*scale.shape, block), tuple(range(scale.ndim))
+    )
+    return spread.reshape(*scale.shape[:-1], scale.shape[-1] * block)
 
 
 def decode(moments: Moments8Bit) -> tuple[jax.Array, jax.Array]:

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from adamax_optax import _grouping
+from adamax_optax import _grouping, _quantization
 
 
 def state_shardings(
@@ -87,19 +87,38 @@ def state_shardings(
     def sharding(leaf: Any, base: Any = None) -> Any:
         if isinstance(leaf, optax.MaskedNode):  # an EMA leaf left out
             return leaf
+        if _quantization.is_8bit(leaf):  # codes and scales split alike
+            spec = split_spec(
+                leaf.codes,
+                base if base is not None else leaf.codes,
+                np.shape(leaf.scale),
+            )
+            return _quantization.Moments8Bit(
+                NamedSharding(mesh, PartitionSpec(*spec)),
+                NamedSharding(mesh, PartitionSpec(*spec)),
+            )
+        spec = split_spec(leaf, leaf if base is None else base)
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    def split_spec(leaf: Any, base: Any, blocks: Any = None) -> list[Any]:
+        """``leaf``'s partition with ``axis_name`` added to its largest
+        dimension that takes it; with ``blocks`` (the shape of its block
+        scales), only where every shard holds whole blocks."""
         shape = tuple(np.shape(leaf))
-        spec = _spec_on(leaf if base is None else base, mesh, len(shape))
+        spec = _spec_on(base, mesh, len(shape))
         if not shape or axis_name in _axes_of(spec):
-            return NamedSharding(mesh, PartitionSpec(*spec))
+            return spec
+        counts = shape if blocks is None else tuple(blocks)
         for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-            local = shape[dim] // _split_count(spec[dim], mesh)
+            local = counts[dim] // _split_count(spec[dim], mesh)
             if local % size == 0 and local >= size:
                 spec[dim] = _with_axis(spec[dim], axis_name)
                 break
-        return NamedSharding(mesh, PartitionSpec(*spec))
+        return spec
 
+    is_node = lambda x: isinstance(x, optax.MaskedNode) or _quantization.is_8bit(x)  # noqa: E731
     if optimizer is None:
-        return jax.tree.map(sharding, opt_state)
+        return jax.tree.map(sharding, opt_state, is_leaf=is_node)
     # Each state leaf that mirrors a parameter starts from its sharding; a
     # stack of small leaves (adamax's grouped view) takes its first member's,
     # unsplit along the stacking axis.
@@ -109,7 +128,7 @@ def state_shardings(
         _grouping.ungroup(opt_state),
         param_shardings,
         transform_non_params=sharding,
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+        is_leaf=is_node,
     )
     outer = jax.tree.structure(opt_state, is_leaf=_grouping.is_grouped)
     nodes = jax.tree.leaves(opt_state, is_leaf=_grouping.is_grouped)
@@ -125,13 +144,20 @@ def _stacked_shardings(node: Any, member_shardings: Any) -> Any:
     """A grouped view's part shardings, from its leaves' own."""
     layout = node.layout
     leaves = jax.tree.leaves(
-        member_shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+        member_shardings,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode) or _quantization.is_8bit(x),
     )
+
+    def unsplit_stack(sharding: Any) -> Any:
+        if not isinstance(sharding, NamedSharding):
+            return sharding
+        return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+
     parts = []
     for members in layout.members:
         first = leaves[members[0]]
-        if len(members) > 1 and isinstance(first, NamedSharding):
-            first = NamedSharding(first.mesh, PartitionSpec(None, *first.spec))
+        if len(members) > 1:
+            first = jax.tree.map(unsplit_stack, first)
         parts.append(first)
     return _grouping.Grouped(parts, layout)
 

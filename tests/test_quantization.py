@@ -167,7 +167,7 @@ def test_quantized_trajectory_stays_near_float_state():
         # noise (measured: 4.4%; bfloat16 state: 1.1%).
         assert np.mean(error) <= 0.06 * float(np.mean(moved[key])), key
     np.testing.assert_array_equal(ours["bias"], reference["bias"])  # float state
-    m, u = find_states(state, ScaleByKerasAdamaxState)[0].moments()
+    m, _ = find_states(state, ScaleByKerasAdamaxState)[0].moments()
     m_ref = find_states(reference_state, ScaleByKerasAdamaxState)[0].m
     assert np.max(np.abs(np.asarray(m["w"]) - np.asarray(m_ref["w"]))) < 0.1
 
@@ -230,7 +230,7 @@ def test_migrates_between_float_and_8bit_state():
     _, float_state = run(adamax(), params, grads)
     quantized = adamax(quantized_state=True)
     state = migrate_state(quantized, float_state, params)
-    m, u = find_states(state, ScaleByKerasAdamaxState)[0].moments()
+    _, u = find_states(state, ScaleByKerasAdamaxState)[0].moments()
     reference = find_states(float_state, ScaleByKerasAdamaxState)[0]
     k_ref, j_ref, _ = reference_encode(
         np.asarray(reference.m["w"]), np.asarray(reference.u["w"])
@@ -290,7 +290,7 @@ def test_keras_export_refuses_it_by_name():
 
 def test_complex_parameters_are_refused_at_init():
     tx = adamax(quantized_state=True)
-    with pytest.raises(TypeError, match="quantized_state.*'w'"):
+    with pytest.raises(TypeError, match=r"quantized_state.*'w'"):
         tx.init({"w": jnp.zeros((64, 128), jnp.complex64)})
 
 

@@ -1,0 +1,236 @@
+"""What 8-bit state costs in training quality: float32, bfloat16 and quantized
+state, trained from the same weights on the same batches, three seeds.
+
+* ``digits``: the demo's Flax MLP (64-128-128-10) on scikit-learn's digits,
+  30 epochs of batches of 64, ``adamax`` with a cosine schedule from 0.01;
+  final training loss (mean of the last epoch) and test accuracy.
+* ``mlp``: the benchmarks' 1000-leaf MLP (500 tanh layers of width 64) fitting
+  its own input, 300 steps at 1e-3 (each seed draws its own batch); final loss.
+
+Run ``python benchmarks/quality.py [--plot PATH]``; it prints a table and
+writes ``bench_results_quality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "examples"))
+
+import models  # noqa: E402
+
+from adamax_optax import adamax  # noqa: E402
+
+STATES: dict[str, dict[str, Any]] = {
+    "float32 state": dict(state_dtype=jnp.float32),
+    "bfloat16 state": dict(state_dtype=jnp.bfloat16),
+    "quantized state": dict(quantized_state=True),
+}
+SEEDS = (0, 1, 2)
+
+
+def train(
+    loss_fn: Callable[..., jax.Array],
+    params: Any,
+    tx: optax.GradientTransformation,
+    batches: list[tuple[Any, ...]],
+    step_cache: dict[str, Any],
+    key: str,
+) -> tuple[Any, list[float]]:
+    """``params`` after one step per batch, and each step's loss."""
+    if key not in step_cache:
+
+        def step(params, state, *batch):
+            loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, loss
+
+        step_cache[key] = jax.jit(step, donate_argnums=(0, 1))
+    step = step_cache[key]
+    state = tx.init(params)
+    params = jax.tree.map(jnp.copy, params)
+    losses = []
+    for batch in batches:
+        params, state, loss = step(params, state, *batch)
+        losses.append(loss)
+    return params, [float(x) for x in losses]
+
+
+def digits_runs() -> list[dict[str, Any]]:
+    from train_digits import Digits, build_mlp, loss_of, make_evaluate
+
+    model = build_mlp()
+    loss_fn, evaluate = loss_of(model), make_evaluate(model)
+    epochs, batch_size = 30, 64
+    rows, cache = [], {}
+    for seed in SEEDS:
+        data = Digits.load(seed)
+        rng = np.random.default_rng(seed)
+        batches = [
+            (jnp.asarray(x), jnp.asarray(y))
+            for _ in range(epochs)
+            for x, y in data.batches(batch_size, rng)
+        ]
+        per_epoch = len(batches) // epochs
+        init = model.init(jax.random.key(seed), jnp.zeros((1, 64)))["params"]
+        schedule = optax.cosine_decay_schedule(0.01, len(batches))
+        for name, options in STATES.items():
+            tx = adamax(schedule, **options)
+            params, losses = train(loss_fn, init, tx, batches, cache, name)
+            _, accuracy = evaluate(params, data.x_test, data.y_test)
+            epoch_losses = [
+                float(np.mean(losses[i : i + per_epoch]))
+                for i in range(0, len(losses), per_epoch)
+            ]
+            rows.append(
+                dict(
+                    task="digits",
+                    state=name,
+                    seed=seed,
+                    final_loss=epoch_losses[-1],
+                    test_accuracy=float(accuracy),
+                    curve=epoch_losses,
+                )
+            )
+    return rows
+
+
+def mlp_runs(steps: int = 300) -> list[dict[str, Any]]:
+    params, _, loss_fn = models.mlp()
+    rows, cache = [], {}
+    for seed in SEEDS:
+        x = jnp.asarray(
+            np.random.default_rng(100 + seed).normal(size=(32, 64)), jnp.float32
+        )
+        batches = [(x,)] * steps
+        for name, options in STATES.items():
+            tx = adamax(1e-3, **options)
+            _, losses = train(loss_fn, params, tx, batches, cache, name)
+            rows.append(
+                dict(
+                    task="mlp",
+                    state=name,
+                    seed=seed,
+                    final_loss=losses[-1],
+                    test_accuracy=None,
+                    curve=losses[:: max(1, steps // 60)],
+                )
+            )
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task and state: mean final loss and accuracy, and their gaps to
+    float32 state (loss: relative, accuracy: in points), seed by seed."""
+    out = []
+    for task in sorted({r["task"] for r in rows}):
+        reference = {
+            r["seed"]: r
+            for r in rows
+            if r["task"] == task and r["state"] == "float32 state"
+        }
+        for name in STATES:
+            mine = [r for r in rows if r["task"] == task and r["state"] == name]
+            loss_gaps = [
+                r["final_loss"] / reference[r["seed"]]["final_loss"] - 1 for r in mine
+            ]
+            entry = dict(
+                task=task,
+                state=name,
+                final_loss=float(np.mean([r["final_loss"] for r in mine])),
+                worst_loss_gap=float(max(loss_gaps, key=abs)),
+            )
+            if mine[0]["test_accuracy"] is not None:
+                gaps = [
+                    100 * (r["test_accuracy"] - reference[r["seed"]]["test_accuracy"])
+                    for r in mine
+                ]
+                entry["test_accuracy"] = float(
+                    np.mean([r["test_accuracy"] for r in mine])
+                )
+                entry["worst_accuracy_gap_points"] = float(min(gaps))
+            out.append(entry)
+    return out
+
+
+def print_rows(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> None:
+    print(f"{'task':7} {'state':16} {'seed':>4} {'final loss':>11} {'test acc':>9}")
+    for r in rows:
+        accuracy = (
+            "" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:8.2f}%"
+        )
+        print(
+            f"{r['task']:7} {r['state']:16} {r['seed']:4d} "
+            f"{r['final_loss']:11.5f} {accuracy:>9}"
+        )
+    print()
+    print(
+        f"{'task':7} {'state':16} {'mean loss':>10} "
+        f"{'worst loss gap':>15} {'worst acc gap':>14}"
+    )
+    for s in summaries:
+        gap = s.get("worst_accuracy_gap_points")
+        shown = "" if gap is None else f"{gap:+.2f} pt"
+        print(
+            f"{s['task']:7} {s['state']:16} {s['final_loss']:10.5f} "
+            f"{100 * s['worst_loss_gap']:+14.2f}% {shown:>14}"
+        )
+
+
+def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6))
+    colours = dict(zip(STATES, ("black", "tab:blue", "tab:orange"), strict=True))
+    for axis, task in zip(np.atleast_1d(axes), tasks, strict=True):
+        for r in rows:
+            if r["task"] == task:
+                label = r["state"] if r["seed"] == 0 else None
+                axis.plot(
+                    r["curve"], color=colours[r["state"]], lw=1, alpha=0.8, label=label
+                )
+        axis.set_yscale("log")
+        axis.set_title(f"{task}: training loss, 3 seeds")
+        axis.set_xlabel("epoch" if task == "digits" else "step / 5")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plot", type=pathlib.Path, default=None)
+    parser.add_argument(
+        "--json", type=pathlib.Path, default=pathlib.Path("bench_results_quality.json")
+    )
+    parser.add_argument("--mlp-steps", type=int, default=300)
+    args = parser.parse_args(argv)
+    rows = digits_runs() + mlp_runs(args.mlp_steps)
+    summaries = summary(rows)
+    print_rows(rows, summaries)
+    args.json.write_text(
+        json.dumps(dict(jax=jax.__version__, runs=rows, summary=summaries), indent=1)
+    )
+    if args.plot is not None:
+        plot(rows, args.plot)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
