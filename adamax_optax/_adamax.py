@@ -187,11 +187,12 @@ def scale_by_keras_adamax(
         state: ScaleByKerasAdamaxState,
         params: optax.Params | None = None,
     ) -> ScaleByKerasAdamaxState:
-        del params
         per_parameter = jax.tree.map(
             lambda m: m.codes if q8.is_8bit(m) else m, state.m, is_leaf=q8.is_8bit
         )
         _common.check_updates_match(updates, per_parameter, "scale_by_keras_adamax")
+        if params is not None and state_dtype is None:
+            _check_params_keep_state_dtypes(params, state.m)
 
         def first_moment(g: jax.Array, m: jax.Array) -> jax.Array:
             g = _common.sharded_like(g, m)
@@ -225,12 +226,33 @@ def scale_by_keras_adamax(
 
         def advance_leaf(g: jax.Array, m: Any, u: Any) -> Any:
             if q8.is_8bit(m):
-                return _Moments(eight_bit(g, m), u)
+                return _Moments(m, u)  # all of them at once, below
             return _Moments(first_moment(g, m), infinity_norm(g, u))
 
         advanced = jax.tree.map(
             advance_leaf, updates, state.m, state.u, is_leaf=q8.is_8bit
         )
+        g_leaves = jax.tree.leaves(updates)
+        m_leaves = jax.tree.leaves(state.m, is_leaf=q8.is_8bit)
+        which = [i for i, m in enumerate(m_leaves) if q8.is_8bit(m)]
+        if which:
+            # The 8-bit leaves advance in a conditional that always runs
+            # (count >= 1): its result is a buffer, which the direction reads.
+            # Inlined, XLA would compute the direction again from the old
+            # codes (twice the arithmetic) and keep them in a copy.
+            new_codes = jax.lax.cond(
+                count > 0,
+                lambda ms, gs: [eight_bit(g, m) for g, m in zip(gs, ms, strict=True)],
+                lambda ms, gs: list(ms),
+                [m_leaves[i] for i in which],
+                [g_leaves[i] for i in which],
+            )
+            moments = jax.tree.leaves(advanced, is_leaf=_is_moments)
+            for i, codes in zip(which, new_codes, strict=True):
+                moments[i] = moments[i]._replace(m=codes)
+            advanced = jax.tree.unflatten(
+                jax.tree.structure(advanced, is_leaf=_is_moments), moments
+            )
         return ScaleByKerasAdamaxState(
             count=count,
             m=jax.tree.map(lambda pair: pair.m, advanced, is_leaf=_is_moments),
@@ -274,6 +296,27 @@ class _Moments(NamedTuple):
 
 def _is_moments(x: Any) -> bool:
     return isinstance(x, _Moments)
+
+
+def _check_params_keep_state_dtypes(params: Any, m: Any) -> None:
+    """With ``state_dtype=None`` each float ``m`` has its parameter's dtype
+    at ``init``: a parameter of another dtype now is refused, naming it."""
+    if jax.tree.structure(params) != jax.tree.structure(m, is_leaf=q8.is_8bit):
+        return  # the blocks' structure checks say how they differ
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, p), m_leaf in zip(
+        flat, jax.tree.leaves(m, is_leaf=q8.is_8bit), strict=True
+    ):
+        if q8.is_8bit(m_leaf) or _common.is_complex(m_leaf.dtype):
+            continue
+        if np.dtype(jnp.result_type(p)) != np.dtype(m_leaf.dtype):
+            raise _grouping.LeafMismatchError(
+                f"`adamax`: parameter {_common.key_path_name(path)!r} is "
+                f"{np.dtype(jnp.result_type(p)).name}, "
+                f"{np.dtype(m_leaf.dtype).name} when the optimizer state was made "
+                "for it. Make the state for the parameters as they are (`init`, "
+                "or `migrate_state(tx, state, params)`)."
+            )
 
 
 def _refuse_complex(params: Any) -> None:

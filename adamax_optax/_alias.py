@@ -329,6 +329,8 @@ def _cast_on_entry(
         params = _common.as_arrays(params)
         try:
             return optimizer.update(updates, state, params, **extra_args)
+        except _grouping.LeafMismatchError:
+            raise  # names the leaf already
         except (KeyError, AttributeError, TypeError, ValueError) as error:
             # A state of another configuration fails somewhere inside; say
             # which components differ (free on the normal path).

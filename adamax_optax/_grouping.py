@@ -40,6 +40,11 @@ buffer in a time that grows faster than their number (500 slices of one stack:
 groups."""
 
 
+class LeafMismatchError(ValueError):
+    """A leaf of the parameters or gradients unlike the one the state was made
+    for (its message names the leaf)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Which leaves of a tree (by their index in its flattening) form each
@@ -50,6 +55,7 @@ class Layout:
     labels: tuple[Hashable, ...]
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...] = ()
 
     @property
     def is_identity(self) -> bool:
@@ -78,10 +84,21 @@ class Layout:
             )
         for name, (_, leaf), shape in zip(names, with_paths, self.shapes, strict=True):
             if tuple(jnp.shape(leaf)) != shape:
-                raise ValueError(
+                raise LeafMismatchError(
                     f"`adamax`: leaf {name!r} has shape {tuple(jnp.shape(leaf))} "
                     f"in the {what}, {shape} in the optimizer state."
                 )
+        if what == "parameters" and self.dtypes:  # gradients may differ
+            for name, (_, leaf), dtype in zip(
+                names, with_paths, self.dtypes, strict=True
+            ):
+                if _dtype_name(leaf) != dtype:
+                    raise LeafMismatchError(
+                        f"`adamax`: parameter {name!r} is {_dtype_name(leaf)}, "
+                        f"{dtype} when the optimizer state was made for it. Make "
+                        "the state for the parameters as they are (`init`, or "
+                        "`migrate_state(tx, state, params)`)."
+                    )
         return [leaf for _, leaf in with_paths], treedef
 
     def leaves(self, parts: Sequence[Any]) -> list[Any]:
@@ -215,7 +232,15 @@ def layout_of(tree: Any, labels: Any) -> Layout:
         tuple(part_labels),
         names,
         tuple(tuple(np.shape(leaf)) for leaf in leaves),
+        tuple(_dtype_name(leaf) for leaf in leaves),
     )
+
+
+def _dtype_name(leaf: Any) -> str:
+    try:
+        return np.dtype(jnp.result_type(leaf)).name
+    except TypeError:
+        return type(leaf).__name__
 
 
 def _group_key(leaf: Any, label: Hashable) -> Hashable | None:

@@ -173,6 +173,24 @@ def test_a_gradient_of_another_shape_is_named():
         tx.update(missing, state, params)
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_a_parameter_of_another_dtype_is_named(grouped):
+    # Stacked with others, or alone (a leaf too large to stack).
+    shapes = {"a": (8,), "b": (8,)} if grouped else {"a": (8, 2**14)}
+    params = {k: jnp.ones(s) for k, s in shapes.items()}
+    tx = adamax(0.1)
+    state = tx.init(params)
+    changed = dict(params, a=params["a"].astype(jnp.bfloat16))
+    with pytest.raises(
+        ValueError, match=r"parameter 'a' is bfloat16, float32 when the optimizer"
+    ):
+        jax.jit(tx.update)(params, state, changed)
+    # Gradients of another dtype than their parameters are fine (cast to them).
+    low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    updates, _ = jax.jit(tx.update)(low, state, params)
+    assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
+
+
 def test_zero1_shards_the_stacks_evenly():
     mesh = jax.make_mesh((1,), ("data",))
     params, _ = problem()

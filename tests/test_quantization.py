@@ -41,12 +41,8 @@ def reference_encode(m: np.ndarray, u: np.ndarray, block: int = BLOCK):
     steps = np.where(steps == 16, 0, steps)
     k = 16 * (octave + 15) + steps + 15
     k = np.where(ratio > 0, np.clip(k, 0, 255), 0).astype(np.int64)
-    u_value = reference_decode_u(k, scale)
-    j = np.where(
-        u_value > 0,
-        np.floor(blocks_m / np.where(u_value > 0, u_value, 1) * 127 + 0.5),
-        0,
-    )
+    ratio_m = np.where(blocks_u > 0, blocks_m / np.where(blocks_u > 0, blocks_u, 1), 0)
+    j = np.where(k > 0, np.floor(ratio_m * 127 + 0.5), 0)
     j = np.clip(j, -127, 127).astype(np.int64)
     return k.reshape(u.shape), j.reshape(m.shape), scale[..., 0]
 
@@ -79,7 +75,8 @@ def test_codes_match_the_numpy_reference():
     k, j = split_codes(encode_nearest(m, u))
     k_ref, j_ref, _ = reference_encode(m, u)
     np.testing.assert_array_equal(k, k_ref)
-    # m's code is rounded from a float32 ratio: a tie may fall either way.
+    # m's code is rounded from a float32 ratio (float64 here): a tie may fall
+    # either way.
     assert np.max(np.abs(j - j_ref)) <= 1
     assert np.mean(j != j_ref) < 1e-3
 
@@ -91,9 +88,10 @@ def test_round_trip_error_is_bounded_per_block():
     in_range = u.reshape(16, -1, BLOCK) >= scale * 2.0**-15
     relative = np.abs(u_back / u - 1).reshape(16, -1, BLOCK)
     assert np.max(relative[in_range]) <= 1 / 32 + 1e-6  # half a sixteenth
-    # m: the ratio to the decoded u, to half a step of 1/127, inside [-u, u].
-    expected = np.clip(m, -u_back, u_back)
-    assert np.all(np.abs(m_back - expected) <= u_back / 254 * (1 + 1e-5) + 1e-30)
+    # m: its ratio to u (Adamax's direction) to half a step of 1/127.
+    ratio = np.where(u_back > 0, m_back / np.where(u_back > 0, u_back, 1), 0)
+    kept = u_back > 0
+    assert np.all(np.abs(ratio - m / u)[kept] <= 1 / 254 * (1 + 1e-4))
 
 
 def test_zero_block_decodes_to_zero():
@@ -163,9 +161,9 @@ def test_quantized_trajectory_stays_near_float_state():
     moved = jax.tree.map(lambda a, b: jnp.abs(a - b), reference, params)
     for key in params:
         error = np.abs(np.asarray(ours[key]) - np.asarray(reference[key]))
-        # Within 6% of how far the float-state run moved each leaf, on pure
-        # noise (measured: 4.4%; bfloat16 state: 1.1%).
-        assert np.mean(error) <= 0.06 * float(np.mean(moved[key])), key
+        # Within 8% of how far the float-state run moved each leaf, on pure
+        # noise (measured: 5.9%; bfloat16 state: 1.1%).
+        assert np.mean(error) <= 0.08 * float(np.mean(moved[key])), key
     np.testing.assert_array_equal(ours["bias"], reference["bias"])  # float state
     m, _ = find_states(state, ScaleByKerasAdamaxState)[0].moments()
     m_ref = find_states(reference_state, ScaleByKerasAdamaxState)[0].m
@@ -188,6 +186,21 @@ def test_u_decays_on_average_below_a_code_step():
     u = np.asarray(state.moments()[1])[:, 1:]
     expected = 0.25 * 0.999**700
     assert abs(u.mean() / expected - 1) < 0.02
+
+
+def test_m_decays_to_zero_when_the_gradient_vanishes():
+    # Rounded to nearest, m / u = 5/127 would round back to 5/127 (0.9 * 5 is
+    # 4.5) and move the parameters by 4% of the learning rate for good.
+    tx = scale_by_keras_adamax(quantized_state=True)
+    state = tx.init(jnp.zeros((64, BLOCK)))
+    step = jax.jit(tx.update)
+    _, state = step(jnp.ones((64, BLOCK)), state)
+    for _ in range(60):
+        direction, state = step(jnp.zeros((64, BLOCK)), state)
+    m, u = (np.asarray(x) for x in state.moments())
+    assert np.mean(np.abs(m)) < 0.005  # float state: 0.1 * 0.9 ** 60 = 1.8e-4
+    assert np.mean(np.abs(np.asarray(direction))) < 0.005
+    np.testing.assert_allclose(u.mean(), 0.999**60, rtol=0.02)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

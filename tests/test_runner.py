@@ -129,16 +129,18 @@ COMPOSITIONS = {
         lambda g: dynamic_loss_scale(blocks(), gating=g),
         GRADIENT_BYTES,
     ),
-    # 8-bit moments: XLA:CPU recomputes the update from the old codes rather
-    # than read the new ones, so it keeps a copy of the codes (2 bytes a
-    # parameter), and a clipped gradient's block maxima read it from memory.
+    # 8-bit moments: in place as float moments are.
     "adamax(quantized_state)": (
         lambda g: adamax(quantized_state=True, gating=g),
-        GRADIENT_BYTES,
+        0,
     ),
     "adamax(N=4, quantized_state)": (
         lambda g: adamax(quantized_state=True, **ACCUMULATE, gating=g),
-        GRADIENT_BYTES,
+        0,
+    ),
+    "adamax(skip_nonfinite, quantized_state)": (
+        lambda g: adamax(quantized_state=True, skip_nonfinite=True, gating=g),
+        0,
     ),
     "adamax(skip_nonfinite)": (
         lambda g: adamax(skip_nonfinite=True, gating=g),
@@ -214,8 +216,11 @@ def test_update_compiles_to_in_place_form(name, gating):
 
 
 @pytest.mark.parametrize("gating", [None, "cond"])
-def test_quantized_state_with_every_option_holds_one_gradient_at_most(gating):
-    # The "loop" gating holds two gradients' bytes here (measured 3.4 MB).
+def test_quantized_state_with_every_option_holds_two_gradients_at_most(gating):
+    # The 8-bit advance runs in a conditional of its own, whose operand, the
+    # clipped gradient, is then written out (one gradient's bytes), and whose
+    # codes are copied out of the accumulation's conditional (2 bytes a
+    # parameter): measured 2.37 MB here, 1.5 gradients.
     tx = adamax(
         quantized_state=True,
         skip_nonfinite=True,
@@ -223,7 +228,7 @@ def test_quantized_state_with_every_option_holds_one_gradient_at_most(gating):
         **EVERY_OPTION,
         gating=gating,
     )
-    assert_in_place(compile_step(tx), GRADIENT_BYTES)
+    assert_in_place(compile_step(tx), 2 * GRADIENT_BYTES)
 
 
 @pytest.mark.parametrize("name", WHERE_IN_PLACE)
