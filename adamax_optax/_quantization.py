@@ -184,19 +184,17 @@ def encode(
 
 
 def block_max_abs(x: jax.Array, block: int) -> jax.Array:
-    """Each block's largest ``|x|``, NaN where the block holds a NaN (as float
-    state's ``maximum`` makes that element NaN).
+    """Each block's largest ``|x|``, NaN where the block holds a NaN or an
+    infinity (as float state's ``maximum`` makes that element NaN).
 
-    One reduction whose step takes the absolute values itself: measured on
-    XLA:CPU, ``max(abs(x))`` runs 10x slower (``abs`` is written out first)
-    and the built-in max reduction may drop a NaN.
+    Built-in reductions of ``x`` itself, which every backend and the SPMD
+    partitioner take: measured on XLA:CPU, ``max(abs(x))`` runs 7x slower
+    (``abs`` is written out first), and its max reduction may drop a NaN,
+    which the sum of ``x * 0`` keeps.
     """
-    return jax.lax.reduce(
-        _blocks(x, block),
-        np.float32(0),
-        lambda a, b: jnp.maximum(jnp.abs(a), jnp.abs(b)),
-        (x.ndim,),
-    )
+    blocks = _blocks(x, block)
+    largest = jnp.maximum(jnp.max(blocks, axis=-1), -jnp.min(blocks, axis=-1))
+    return largest + jnp.sum(blocks * 0.0, axis=-1)
 
 
 def dither_bits(shape: tuple[int, ...], count: jax.Array) -> jax.Array:
