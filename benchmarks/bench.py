@@ -184,6 +184,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "interleaved (A B A B, --pairs pairs)",
     )
     parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="only 8-bit state: state bytes per parameter of each configuration, "
+        "then the update step at the largest --sizes in 8 leaves, quantized over "
+        "float32 state, interleaved (benchmarks/memory.py)",
+    )
+    parser.add_argument(
         "--pairs", type=int, default=15, help="interleaved pairs per comparison"
     )
     parser.add_argument(
@@ -210,6 +217,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if getattr(args, "quick", False):
         args = argparse.Namespace(**{**vars(args), **QUICK})
+    if getattr(args, "memory", False):
+        import memory
+
+        options = ["--pairs", str(args.pairs), "--size", str(int(max(args.sizes)))]
+        if getattr(args, "json", None):
+            options += ["--json", args.json]
+        return memory.main(options)
     targets = getattr(args, "targets", False)
     path = (
         getattr(args, "json", None) or JSON_DEFAULTS["targets" if targets else "table"]

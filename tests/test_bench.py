@@ -108,3 +108,23 @@ def test_grouped_kernels_grow_with_the_groups_not_the_leaves(tmp_path):
         assert many["per_leaf"] - few["per_leaf"] >= 3 * 32
         assert many["grouped"] - few["grouped"] <= 32 + 2 * 8
         assert json.loads((tmp_path / "k.json").read_text())["rows"] == rows["rows"]
+
+
+def test_memory_table_matches_the_closed_forms(tmp_path):
+    import memory
+
+    result = memory.main(["--no-speed", "--json", str(tmp_path / "memory.json")])
+    table = {
+        (r["params"], r["state"], r["options"]): r["bytes_per_parameter"]
+        for r in result["bytes"]
+    }
+    # m and u in 4 bytes each, the EMA and the accumulator 4 more each.
+    assert table["float32", "float32", "-"] == 8.0
+    assert table["float32", "float32", "EMA, N=4"] == 16.0
+    assert table["float32", "bfloat16", "EMA"] == 6.0
+    # 2 bytes a parameter, 4 bytes of scale a block of 256, small leaves float.
+    assert 2.0 < table["float32", "quantized", "-"] <= 2.1
+    assert table["float32", "quantized", "N=4"] == pytest.approx(
+        table["float32", "quantized", "-"] + 4.0
+    )
+    assert (tmp_path / "memory.json").exists()
