@@ -118,13 +118,14 @@ def test_memory_table_matches_the_closed_forms(tmp_path):
         (r["params"], r["state"], r["options"]): r["bytes_per_parameter"]
         for r in result["bytes"]
     }
-    # m and u in 4 bytes each, the EMA and the accumulator 4 more each.
-    assert table["float32", "float32", "-"] == 8.0
-    assert table["float32", "float32", "EMA, N=4"] == 16.0
-    assert table["float32", "bfloat16", "EMA"] == 6.0
+    # m and u in 4 bytes each, the EMA and the accumulator 4 more each (and
+    # a few counters: 16 bytes over 1M parameters).
+    assert table["float32", "float32", "-"] == pytest.approx(8.0, abs=1e-3)
+    assert table["float32", "float32", "EMA, N=4"] == pytest.approx(16.0, abs=1e-3)
+    assert table["float32", "bfloat16", "EMA"] == pytest.approx(6.0, abs=1e-3)
     # 2 bytes a parameter, 4 bytes of scale a block of 256, small leaves float.
     assert 2.0 < table["float32", "quantized", "-"] <= 2.1
     assert table["float32", "quantized", "N=4"] == pytest.approx(
-        table["float32", "quantized", "-"] + 4.0
+        table["float32", "quantized", "-"] + 4.0, abs=1e-3
     )
     assert (tmp_path / "memory.json").exists()

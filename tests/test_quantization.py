@@ -219,20 +219,28 @@ def test_low_precision_gradients_and_parameters(dtype):
         assert np.mean(error) <= 0.08 * np.mean(moved), key  # measured: 5.4%
 
 
-def test_nonfinite_gradient_poisons_its_block_as_float_state_poisons_the_element():
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_gradient_poisons_its_block_as_float_state_poisons_the_element(bad):
     params = {"w": jnp.ones((4, 1024))}
     g = np.ones((4, 1024), np.float32)
-    g[2, 300] = np.nan
-    grads = [{"w": jnp.ones((4, 1024))}, {"w": jnp.asarray(g)}]
-    _, state = run(adamax(quantized_state=True), params, grads)
-    _, float_state = run(adamax(), params, grads)
-    m, u = (
-        np.asarray(x["w"])
-        for x in find_states(state, ScaleByKerasAdamaxState)[0].moments()
-    )
-    m_float = np.asarray(find_states(float_state, ScaleByKerasAdamaxState)[0].m["w"])
-    assert np.isnan(m_float[2, 300]) and np.isnan(m[2, 300]) and np.isnan(u[2, 300])
-    assert np.all(np.isnan(u[2, 256:512]))  # its block
+    g[2, 300] = bad
+    grads = [
+        {"w": jnp.ones((4, 1024))},
+        {"w": jnp.asarray(g)},
+        {"w": jnp.ones((4, 1024))},
+    ]
+    ours, state = run(adamax(quantized_state=True), params, grads)
+    theirs, _ = run(adamax(), params, grads)
+    # Float state: that element's parameter is NaN from then on.
+    assert np.isnan(np.asarray(theirs["w"])[2, 300])
+    assert np.sum(np.isnan(np.asarray(theirs["w"]))) == 1
+    # 8-bit state: so is it, with the rest of its block of 256, and only them.
+    nan = np.isnan(np.asarray(ours["w"]))
+    assert nan[2, 300] and np.all(nan[2, 256:512])
+    assert np.sum(nan) == 256
+    adamax_state = find_states(state, ScaleByKerasAdamaxState)[0]
+    m, u = (np.asarray(x["w"]) for x in adamax_state.moments())
+    assert np.all(np.isnan(u[2, 256:512]))
     outside = np.ones_like(u, bool)
     outside[2, 256:512] = False
     assert np.all(np.isfinite(u[outside])) and np.all(np.isfinite(m[outside]))

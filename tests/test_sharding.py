@@ -11,7 +11,14 @@ import sys
 
 def run_on_8_devices(script: str) -> str:
     """Runs ``script`` (beside this file) with 8 host devices; its stdout."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    # Beside the other pytest worker, 8 host devices on 2 cores may wait
+    # longer than XLA's 40 s for each other in a collective: not a hang.
+    flags = (
+        "--xla_force_host_platform_device_count=8 "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+        "--xla_cpu_collective_timeout_seconds=600"
+    )
+    env = {**os.environ, "XLA_FLAGS": flags}
     result = subprocess.run(
         [sys.executable, str(pathlib.Path(__file__).with_name(script))],
         env=env,
