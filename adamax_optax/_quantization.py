@@ -9,15 +9,20 @@ encoding keeps exactly what that direction needs:
 * ``u``: one float32 ``scale`` per block of ``block`` elements along the last
   axis (the block's largest ``u``), and per element an unsigned byte ``k``, an
   8-bit float of ``u / scale`` with 4 exponent and 4 mantissa bits:
-  ``u = scale * 2 ** (e - 15) * (1 + f / 16)`` for ``k = 16 * e + f - 17`` in
-  1..255, and ``u = 0`` for ``k = 0``. That keeps every ``u`` to 3.1% of
+  ``u = scale * 2 ** e * (1 + f / 16)`` for ``k = 16 * (e + 15) + f + 15`` in
+  1..255 (``e`` from -16 to 0, ``f`` from 0 to 15), and ``u = 0`` for
+  ``k = 0``. That keeps every ``u`` to 3.1% of
   itself over 16 octaves below its block's largest, where a linear code would
   zero the small ones.
-* ``m``: a signed byte ``j`` per element, ``m = u * j / 127``: the ratio the
-  direction reads, to within 1/254 of ``u``.
+* ``m``: a signed byte ``j`` per element, ``j = round(127 * m / u)`` of the
+  float ``m`` and ``u``, read back as ``m = u * j / 127``: the ratio the
+  direction reads, to within 1/254, however ``u`` was rounded.
+
+The two bytes of an element are one ``uint16`` word (``u``'s high), so that
+one pass reads and writes each element's state.
 
 Both are integer arithmetic on the float's bits (no logarithm), which XLA
-fuses into the update's one pass. Codes are rounded stochastically
+fuses into one pass. Codes are rounded stochastically
 (``floor(x + d)``, ``d`` uniform in [0, 1)), so that changes smaller than a
 code still happen on average: ``u``'s decay, 0.1% a step and a 60th of a
 code's width, and ``m``'s decay to 0 when the gradient vanishes (rounded to
