@@ -77,7 +77,7 @@ def scale_by_keras_adamax(
     *,
     state_dtype: DTypeLike | None = None,
     quantized_state: bool = False,
-    quantized_block_size: int = q8.DEFAULT_BLOCK_SIZE,
+    quantized_block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by the Adamax rule exactly as Keras computes it.
 
@@ -120,8 +120,8 @@ def scale_by_keras_adamax(
         it; smaller leaves stay in ``state_dtype``. The encoding is on the
         documentation's *Memory* page. Real parameters only.
       quantized_block_size: the most elements along the last axis that share
-        one scale, a positive integer: the block of a leaf is the largest
-        divisor of its last axis up to this.
+        one scale, a positive integer (``None``: 256): the block of a leaf is
+        the largest divisor of its last axis up to this.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` that is also a block (see
@@ -147,6 +147,8 @@ def scale_by_keras_adamax(
     _validation.check_non_negative("epsilon", epsilon)
     _validation.check_state_dtype(state_dtype)
     _validation.check_bool("quantized_state", quantized_state)
+    if quantized_block_size is None:
+        quantized_block_size = q8.DEFAULT_BLOCK_SIZE
     _validation.check_integer_at_least(
         "quantized_block_size",
         quantized_block_size,

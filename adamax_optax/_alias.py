@@ -37,7 +37,6 @@ from adamax_optax._learning_rate import (
 )
 from adamax_optax._loss_scale import unscale_gradients
 from adamax_optax._migration import state_mismatch
-from adamax_optax._quantization import DEFAULT_BLOCK_SIZE
 from adamax_optax._skip_nonfinite import skip_nonfinite as wrap_skip_nonfinite
 from adamax_optax._stochastic_rounding import (
     stochastic_rounding as round_stochastically,
@@ -247,11 +246,7 @@ def adamax(
                 epsilon,
                 state_dtype=state_dtype,
                 quantized_state=quantized_state,
-                quantized_block_size=(
-                    DEFAULT_BLOCK_SIZE
-                    if quantized_block_size is None
-                    else quantized_block_size
-                ),
+                quantized_block_size=quantized_block_size,
             ),
         ),
     ]
