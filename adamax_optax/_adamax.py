@@ -117,8 +117,10 @@ def scale_by_keras_adamax(
       quantized_state: hold ``m`` and ``u`` of every leaf of 4096 elements or
         more in 8 bits each (2 bytes a parameter, plus 4 bytes of scale per
         block), decoded to float32 for the arithmetic and encoded again after
-        it; smaller leaves stay in ``state_dtype``. The encoding is on the
-        documentation's *Memory* page. Real parameters only.
+        it; smaller leaves stay in ``state_dtype``, as does a leaf whose last
+        axis has no divisor of ``quantized_block_size / 8`` or more. The
+        encoding is on the documentation's *Memory* page. Real parameters
+        only.
       quantized_block_size: the most elements along the last axis that share
         one scale, a positive integer (``None``: 256): the block of a leaf is
         the largest divisor of its last axis up to this.
@@ -214,7 +216,9 @@ def scale_by_keras_adamax(
 
         count = optax.safe_increment(state.count)
 
-        def eight_bit(g: jax.Array, moments: q8.Moments8Bit) -> q8.Moments8Bit:
+        def eight_bit(
+            g: jax.Array, moments: q8.Moments8Bit, salt: int
+        ) -> q8.Moments8Bit:
             # Decoded, advanced in float32 as a float state is, encoded again;
             # the block scale is the float rule's block maximum.
             g = _common.sharded_like(g, moments.codes).astype(jnp.float32)
@@ -224,7 +228,8 @@ def scale_by_keras_adamax(
             m = m + (g - m) * (1 - b1)
             u = jnp.maximum(b2 * u, jnp.abs(g))
             scale = jnp.maximum(b2 * moments.scale, q8.block_max_abs(g, moments.block))
-            return q8.encode(m, u, scale, q8.dither_bits(g.shape, count))
+            scale = _common.sharded_like(scale, moments.scale)
+            return q8.encode(m, u, scale, q8.dither_bits(g.shape, count, salt))
 
         def advance_leaf(g: jax.Array, m: Any, u: Any) -> Any:
             if q8.is_8bit(m):
@@ -244,7 +249,9 @@ def scale_by_keras_adamax(
             # codes (twice the arithmetic) and keep them in a copy.
             new_codes = jax.lax.cond(
                 count > 0,
-                lambda ms, gs: [eight_bit(g, m) for g, m in zip(gs, ms, strict=True)],
+                lambda ms, gs: [
+                    eight_bit(g, m, i) for i, g, m in zip(which, gs, ms, strict=True)
+                ],
                 lambda ms, gs: list(ms),
                 [m_leaves[i] for i in which],
                 [g_leaves[i] for i in which],

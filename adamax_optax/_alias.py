@@ -39,7 +39,7 @@ from adamax_optax._loss_scale import unscale_gradients
 from adamax_optax._migration import state_mismatch
 from adamax_optax._skip_nonfinite import skip_nonfinite as wrap_skip_nonfinite
 from adamax_optax._stochastic_rounding import (
-    stochastic_rounding as round_stochastically,
+    stochastic_rounding as stochastic_rounding_block,
 )
 from adamax_optax._weight_decay import (
     ExcludeFromWeightDecay,
@@ -258,6 +258,10 @@ def adamax(
     # Under accumulation the schedule counts micro-steps, N taken from the
     # enclosing accumulate_gradients while it traces this chain.
     update_chain.append(("learning_rate", scale_by_keras_learning_rate(learning_rate)))
+    if stochastic_rounding:  # before the EMA: it averages the rounded weights
+        update_chain.append(
+            ("stochastic_rounding", stochastic_rounding_block(rounding_seed or 0))
+        )
     if use_ema:
         ema = parameter_ema(
             ema_momentum,
@@ -267,10 +271,6 @@ def adamax(
             exclude_from_ema=exclude_from_ema,
         )
         update_chain.append(("ema", ema))
-    if stochastic_rounding:
-        update_chain.append(
-            ("stochastic_rounding", round_stochastically(rounding_seed or 0))
-        )
 
     if gradient_accumulation_steps is not None:
         accumulate = accumulate_gradients(

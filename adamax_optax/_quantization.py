@@ -10,13 +10,15 @@ encoding keeps exactly what that direction needs:
   axis (the block's largest ``u``), and per element an unsigned byte ``k``, an
   8-bit float of ``u / scale`` with 4 exponent and 4 mantissa bits:
   ``u = scale * 2 ** e * (1 + f / 16)`` for ``k = 16 * (e + 15) + f + 15`` in
-  1..255 (``e`` from -16 to 0, ``f`` from 0 to 15), and ``u = 0`` for
-  ``k = 0``. That keeps every ``u`` to 3.1% of
-  itself over 16 octaves below its block's largest, where a linear code would
-  zero the small ones.
+  1..255, and ``u = 0`` for ``k = 0``: from ``2 ** -16 * 1.125`` (``k = 1``)
+  to 1 (``k = 255``) in steps of a sixteenth of an octave. Rounded to nearest
+  that keeps every ``u`` to 3.1% of itself over 16 octaves below its block's
+  largest (rounded stochastically, as the update does, to one step, 6.25%),
+  where a linear code would zero the small ones.
 * ``m``: a signed byte ``j`` per element, ``j = round(127 * m / u)`` of the
   float ``m`` and ``u``, read back as ``m = u * j / 127``: the ratio the
-  direction reads, to within 1/254, however ``u`` was rounded.
+  direction reads, to within 1/254 (to nearest; 1/127 stochastically),
+  however ``u`` was rounded.
 
 The two bytes of an element are one ``uint16`` word (``u``'s high), so that
 one pass reads and writes each element's state.
@@ -32,7 +34,8 @@ free of any key. The block scale follows the float rule exactly,
 ``scale = maximum(beta_2 * scale, max(|g|))``.
 
 A NaN or an infinity in a gradient makes its whole block NaN for good, where
-float state makes one element NaN (both never recover: use ``skip_nonfinite``).
+float state makes one element's direction NaN (neither recovers: use
+``skip_nonfinite``).
 """
 
 from __future__ import annotations
@@ -106,12 +109,13 @@ def is_8bit(x: Any) -> bool:
 def block_length(shape: tuple[int, ...], block_size: int) -> int | None:
     """The block length for a leaf of ``shape``: the largest divisor of its
     last axis up to ``block_size``, or ``None`` (kept in ``state_dtype``) for a
-    leaf too small or whose last axis has no divisor above ``block_size / 8``."""
+    leaf too small or whose last axis has no divisor of ``block_size / 8`` or
+    more (its scales would cost more than a byte a parameter)."""
     if len(shape) == 0 or math.prod(shape) < MIN_QUANTIZED_SIZE:
         return None
     last = shape[-1]
     length = max(d for d in range(1, min(block_size, last) + 1) if last % d == 0)
-    return length if length * 8 >= min(block_size, last) else None
+    return length if length * 8 >= block_size else None
 
 
 def zeros(shape: tuple[int, ...], block: int, like: Any = None) -> Moments8Bit:
@@ -173,7 +177,8 @@ def encode(
         u_dither, m_dither = jnp.uint32(1 << (_SHIFT - 1)), 0.5
     else:
         u_dither = dither >> (32 - _SHIFT)
-        m_dither = (dither & 0xFFFF).astype(jnp.float32) * (1.0 / 65536.0)
+        # the 13 bits below u's: one draw for each code
+        m_dither = (dither & 0x1FFF).astype(jnp.float32) * (1.0 / 8192.0)
     # Adding the dither below the kept bits and truncating rounds the
     # (exponent, mantissa) pair: linearly within an octave, carrying across.
     kept = ((ratio_bits + u_dither) >> _SHIFT).astype(jnp.int32) - _BASE
@@ -190,7 +195,8 @@ def encode(
 
 def block_max_abs(x: jax.Array, block: int) -> jax.Array:
     """Each block's largest ``|x|``, NaN where the block holds a NaN or an
-    infinity (as float state's ``maximum`` makes that element NaN).
+    infinity (float state makes that element's ``u`` NaN or infinite, and its
+    direction NaN).
 
     Built-in reductions of ``x`` itself, which every backend and the SPMD
     partitioner take: measured on XLA:CPU, ``max(abs(x))`` runs 7x slower
@@ -202,9 +208,10 @@ def block_max_abs(x: jax.Array, block: int) -> jax.Array:
     return largest + jnp.sum(blocks * 0.0, axis=-1)
 
 
-def dither_bits(shape: tuple[int, ...], count: jax.Array) -> jax.Array:
+def dither_bits(shape: tuple[int, ...], count: jax.Array, salt: int = 0) -> jax.Array:
     """32 pseudo-random bits per element (uint32), a hash of the element's
-    position and ``count`` (the murmur3 finaliser): the same for the same
+    position, ``count`` and ``salt`` (a leaf's index, so that leaves of one
+    shape do not round alike) by the murmur3 finaliser: the same for the same
     step, different from one step to the next."""
     position = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
     stride = shape[-1]
@@ -213,8 +220,11 @@ def dither_bits(shape: tuple[int, ...], count: jax.Array) -> jax.Array:
             jnp.uint32, shape, axis
         ) * jnp.uint32(stride % 2**32)
         stride *= shape[axis]
-    h = position * jnp.uint32(0x9E3779B1) + count.astype(jnp.uint32) * jnp.uint32(
-        0x85EBCA77
+    step = count.astype(jnp.uint32) * jnp.uint32(0x85EBCA77)
+    h = (
+        position * jnp.uint32(0x9E3779B1)
+        + step
+        + jnp.uint32((salt * 0xC2B2AE3D) % 2**32)
     )
     h = h ^ (h >> 16)
     h = h * jnp.uint32(0x7FEB352D)

@@ -45,13 +45,18 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformationExtraArgs:
     With ``p`` a low-precision parameter and ``u`` its update, the new
     parameter is ``round(float32(p) + float32(u))`` to ``p``'s dtype, up or
     down at random with the probabilities that make it exact on average; the
-    update returned is that new parameter minus ``p``, exact in ``p``'s dtype,
-    so that ``optax.apply_updates`` lands on it. An update smaller than half a
-    unit in the last place, which round to nearest loses, moves the parameter
-    by its size on average. Other parameters' updates pass unchanged.
+    update returned is that new parameter minus ``p`` in ``p``'s dtype, so that
+    ``optax.apply_updates`` lands on it. That difference is exact when the new
+    parameter is within a factor of 2 of the old (Sterbenz), the small updates
+    this is for; a larger step, or one across zero, is rounded to nearest
+    once more, an error of at most half a unit of the update itself. An
+    update smaller than half a unit in the last place, which round to nearest
+    loses, moves the parameter by its size on average. Other parameters'
+    updates pass unchanged.
 
     The key is ``seed``'s, split once per update, and part of the state.
-    Place it last in a chain: it needs the updates that will be applied.
+    Place it after the transformations that make the update and before
+    :func:`parameter_ema`, which then averages the parameters as rounded.
 
     Args:
       seed: an integer, the seed of the key.

@@ -9,7 +9,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from adamax_optax import adamax
+from adamax_optax import ParameterEMAState, adamax
 from adamax_optax._common import find_states
 from adamax_optax._stochastic_rounding import (
     StochasticRoundingState,
@@ -138,3 +138,17 @@ def test_seed_without_the_option_warns_and_a_bad_seed_is_refused():
         adamax(stochastic_rounding=True, rounding_seed=-1)
     with pytest.raises(TypeError, match="stochastic_rounding"):
         adamax(stochastic_rounding="yes")
+
+
+def test_the_ema_averages_the_rounded_weights():
+    # Rounding runs before the EMA: with momentum 0, the average is the
+    # weights themselves, as rounded (not their round-to-nearest value).
+    start = jnp.full(4096, 1.5, jnp.bfloat16)
+    lr, f32 = ULP / 4, jnp.float32
+    tx = adamax(
+        lr, state_dtype=f32, stochastic_rounding=True, use_ema=True, ema_momentum=0.0
+    )
+    params, state = train(tx, start, 100)
+    ema = np.asarray(find_states(state, ParameterEMAState)[0].ema, np.float32)
+    np.testing.assert_array_equal(ema, np.asarray(params, np.float32))
+    assert abs(float(ema.mean()) - (1.5 - 100 * lr)) < 0.005
