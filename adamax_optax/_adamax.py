@@ -123,7 +123,8 @@ def scale_by_keras_adamax(
         only.
       quantized_block_size: the most elements along the last axis that share
         one scale, a positive integer (``None``: 256): the block of a leaf is
-        the largest divisor of its last axis up to this.
+        the largest divisor of its last axis up to this (of each shard's part
+        of it, where the parameter's sharding is explicit).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` that is also a block (see
@@ -164,7 +165,9 @@ def scale_by_keras_adamax(
             return None
         shape = tuple(np.shape(leaf))
         member = shape if axes is None else tuple(shape[a] for a in axes)
-        return q8.block_length(member, quantized_block_size)
+        return q8.block_length(
+            member, quantized_block_size, _common.last_axis_shards(leaf)
+        )
 
     def init_fn(params: optax.Params) -> ScaleByKerasAdamaxState:
         _common.check_float_params(params, "scale_by_keras_adamax")

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from adamax_optax import _common, _grouping
+from adamax_optax import _quantization as q8
 from adamax_optax._accumulation import AccumulateGradientsState
 from adamax_optax._adamax import (
     ScaleByKerasAdamaxState,
@@ -162,11 +163,73 @@ def _carry(old: Any, fresh: Any, where: str) -> Any:
 def _carry_moments(old: dict[str, Any], fresh: ScaleByKerasAdamaxState) -> Any:
     """The old ``m`` and ``u`` in the fresh state's form: decoded from 8 bits
     where the old state held them so, encoded where the fresh one does."""
-    old_m, old_u = decoded_moments(old["m"], old["u"])
+    old_m, old_u = decoded_moments(*_as_saved(old["m"], old["u"]))
     fresh_m, fresh_u = decoded_moments(fresh.m, fresh.u)
     m = _carry(old_m, fresh_m, "adamax.m")
     u = _carry(old_u, fresh_u, "adamax.u")
     return encoded_moments(m, u, fresh.m)
+
+
+def _as_saved(m: Any, u: Any) -> tuple[Any, Any]:
+    """Moments as the state holds them, from the plain containers orbax
+    restores without a target: an 8-bit leaf's ``{"codes", "scale"}`` dict
+    as ``Moments8Bit``, its ``u`` (restored as ``None``) as a ``MaskedNode``."""
+
+    def is_saved_8bit(x: Any) -> bool:
+        return isinstance(x, Mapping) and set(x) == {"codes", "scale"}
+
+    m = jax.tree.map(
+        lambda x: q8.Moments8Bit(x["codes"], x["scale"]) if is_saved_8bit(x) else x,
+        m,
+        is_leaf=is_saved_8bit,
+    )
+    u = jax.tree.map(
+        lambda m, u: optax.MaskedNode() if q8.is_8bit(m) else u,
+        m,
+        u,
+        is_leaf=q8.is_8bit,
+    )
+    return m, u
+
+
+def _read_restored_groups(found: dict[str, list[dict[str, Any]]], fresh: Any) -> None:
+    """Reads, in place, each old field that orbax restored without a target
+    from a grouped view (a plain list of its parts) through the layout of
+    the fresh state's view in the same place, when its parts are of the same
+    parameters' shapes."""
+    like_found: dict[str, list[dict[str, Any]]] = {}
+    _collect(fresh, like_found)
+    for role, olds in found.items():
+        for old, like in zip(olds, like_found.get(role, ()), strict=False):
+            for name, value in old.items():
+                view = like.get(name)
+                if not _grouping.is_grouped(view) or not isinstance(
+                    value, list | tuple
+                ):
+                    continue
+                parts = [_as_saved_part(part) for part in value]
+                if len(parts) == len(view.parts) and all(
+                    _same_shape(a, b) for a, b in zip(parts, view.parts, strict=True)
+                ):
+                    old[name] = _grouping.Grouped(parts, view.layout).ungroup()
+
+
+def _as_saved_part(value: Any) -> Any:
+    """A part as the state held it, from what orbax restores without a
+    target: 8-bit moments as a ``{"codes", "scale"}`` dict, a ``MaskedNode``
+    as ``None``."""
+    if isinstance(value, Mapping) and set(value) == {"codes", "scale"}:
+        return q8.Moments8Bit(value["codes"], value["scale"])
+    return optax.MaskedNode() if value is None else value
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    """Whether two parts stand for parameters of one shape (a ``MaskedNode``
+    stands for any)."""
+    if isinstance(a, optax.MaskedNode) or isinstance(b, optax.MaskedNode):
+        return True
+    shape = lambda x: x.shape if q8.is_8bit(x) else np.shape(x)  # noqa: E731
+    return shape(a) == shape(b)
 
 
 def _default(role: str, field: str, old: dict[str, Any], fresh: Any) -> Any:
@@ -309,6 +372,7 @@ def migrate_state(
     found: dict[str, list[dict[str, Any]]] = {}
     _collect(_grouping.ungroup(old_state), found)
     fresh = new_optimizer.init(params)
+    _read_restored_groups(found, fresh)
     rebuilt = _grouping.regroup(_rebuild(_grouping.ungroup(fresh), found), fresh)
     new_state = _with_current_rate(new_optimizer, rebuilt)
     dropped = sorted(role for role, olds in found.items() if olds)

@@ -106,14 +106,20 @@ def is_8bit(x: Any) -> bool:
     return isinstance(x, Moments8Bit)
 
 
-def block_length(shape: tuple[int, ...], block_size: int) -> int | None:
-    """The block length for a leaf of ``shape``: the largest divisor of its
-    last axis up to ``block_size``, or ``None`` (kept in ``state_dtype``) for a
-    leaf too small or whose last axis has no divisor of ``block_size / 8`` or
-    more (its scales would cost more than a byte a parameter)."""
+def block_length(
+    shape: tuple[int, ...], block_size: int, shards: int = 1
+) -> int | None:
+    """The block length for a leaf of ``shape`` whose last axis is split in
+    ``shards``: the largest divisor of each shard's length up to
+    ``block_size`` (so that no block straddles two shards), or ``None`` (kept
+    in ``state_dtype``) for a leaf too small or whose shards have no divisor
+    of ``block_size / 8`` or more (its scales would cost more than a byte a
+    parameter)."""
     if len(shape) == 0 or math.prod(shape) < MIN_QUANTIZED_SIZE:
         return None
-    last = shape[-1]
+    if shape[-1] % shards:
+        return None
+    last = shape[-1] // shards
     length = max(d for d in range(1, min(block_size, last) + 1) if last % d == 0)
     return length if length * 8 >= block_size else None
 

@@ -88,14 +88,20 @@ def state_shardings(
         if isinstance(leaf, optax.MaskedNode):  # an EMA leaf left out
             return leaf
         if _quantization.is_8bit(leaf):  # codes and scales split alike
+            blocks = np.shape(leaf.scale)
             spec = split_spec(
-                leaf.codes,
-                base if base is not None else leaf.codes,
-                np.shape(leaf.scale),
+                leaf.codes, base if base is not None else leaf.codes, blocks
             )
+            # A split inherited from the parameter that cuts through blocks
+            # (their length was chosen without the parameter's sharding, under
+            # Auto axes) leaves the scales whole along it.
+            scale_spec = [
+                entry if blocks[d] % _split_count(entry, mesh) == 0 else None
+                for d, entry in enumerate(spec)
+            ]
             return _quantization.Moments8Bit(
                 NamedSharding(mesh, PartitionSpec(*spec)),
-                NamedSharding(mesh, PartitionSpec(*spec)),
+                NamedSharding(mesh, PartitionSpec(*scale_spec)),
             )
         spec = split_spec(leaf, leaf if base is None else base)
         return NamedSharding(mesh, PartitionSpec(*spec))

@@ -292,6 +292,40 @@ def test_checkpoint_restores_and_resumes_bit_identically(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("quantized", [True, False])
+def test_a_state_restored_without_a_target_migrates(tmp_path, quantized):
+    """orbax restores a state without a target as plain containers: 8-bit
+    moments as ``{"codes", "scale"}`` dicts, ``u``'s ``MaskedNode`` as
+    ``None``, a grouped view as the list of its parts. ``migrate_state``
+    reads them back: to the same optimizer exactly the state saved, to the
+    other form as the live state migrates."""
+    params = {
+        "w": jnp.ones((64, 512)),
+        "b": jnp.ones((512,)),
+        "stack": [jnp.full((64, 128), 1.0 + i) for i in range(3)],
+    }
+    grads = jax.tree.map(lambda x: 0.3 * x, params)
+    tx = adamax(1e-2, quantized_state=quantized)
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(grads, state, params)
+    assert _grouping.layout_in(state) is not None  # the stack is grouped
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "ckpt")  # plain containers
+    assert isinstance(restored["adamax"]["m"], list)
+    same = migrate_state(tx, restored, params)
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = adamax(1e-2, quantized_state=not quantized)
+    expected = migrate_state(other, state, params)
+    got = migrate_state(other, restored, params)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_config_round_trip_keeps_the_options():
     tx = adamax(quantized_state=True, quantized_block_size=128)
     config = get_config(tx)

@@ -142,6 +142,7 @@ def main() -> None:
         assert m["kernel"].spec == P("data", "model"), m["kernel"].spec
         assert m["bias+gain"].spec == P(None, "data"), m["bias+gain"].spec
     quantized_zero()
+    quantized_tensor_parallel()
     print("ZERO OK")
 
 
@@ -163,6 +164,34 @@ def quantized_zero() -> None:
             # Each shard holds whole blocks of 256 (wide: 2 of its 16 each).
             split = [i for i, entry in enumerate(codes) if entry == "data"]
             assert split and blocks[split[0]] % 8 == 0, (name, codes)
+
+
+def quantized_tensor_parallel() -> None:
+    """A parameter whose last axis is split 4 ways on "model" (64 of its 256
+    columns a shard, fewer than a block of 256). Under Explicit axes `init`
+    sees the split and takes blocks of 64, which no shard cuts; under Auto
+    axes it cannot, the blocks stay 256 long and their scales whole along the
+    split. Both run as the unsharded optimizer with those blocks does."""
+    shapes = {"narrow": (64, 256), "bias": (32,)}
+    params, grads = problem(shapes)
+    tx = adamax(0.05, quantized_state=True, **OPTIONS)
+    specs = {"narrow": P(None, "model"), "bias": P()}
+    for axis_type, block, scale_spec in (
+        (AxisType.Auto, 256, P("data", None)),
+        (AxisType.Explicit, 64, P("data", "model")),
+    ):
+        reference = adamax(
+            0.05, quantized_state=True, quantized_block_size=block, **OPTIONS
+        )
+        expected = unsharded(reference, params, grads)
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+        with jax.set_mesh(mesh):
+            shardings = zero(
+                tx, params, grads, mesh, specs, expected, assert_quantized_close
+            )
+        m = shardings.inner_state["accumulate"].inner_state["adamax"].m["narrow"]
+        assert m.codes.spec == P("data", "model"), m.codes.spec
+        assert m.scale.spec == scale_spec, (axis_type, m.scale.spec)
 
 
 if __name__ == "__main__":
