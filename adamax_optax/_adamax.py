@@ -60,7 +60,8 @@ def encoded_moments(m: Any, u: Any, like_m: Any) -> tuple[Any, Any]:
         if not q8.is_8bit(like):
             return _Moments(m, u)
         m, u = jnp.asarray(m, jnp.float32), jnp.asarray(u, jnp.float32)
-        scale = q8.block_max_abs(u, like.block)
+        finite = jnp.where(jnp.isfinite(u), u, 0.0)  # a NaN reads back as NaN
+        scale = q8.block_scale(jnp.zeros([], jnp.float32), finite, like.block)
         return _Moments(q8.encode(m, u, scale), optax.MaskedNode())
 
     pairs = jax.tree.map(encode, m, u, like_m, is_leaf=q8.is_8bit)
@@ -230,7 +231,7 @@ def scale_by_keras_adamax(
             m, u = q8.decode(moments)
             m = m + (g - m) * (1 - b1)
             u = jnp.maximum(b2 * u, jnp.abs(g))
-            scale = jnp.maximum(b2 * moments.scale, q8.block_max_abs(g, moments.block))
+            scale = q8.block_scale(b2 * moments.scale, g, moments.block)
             scale = _common.sharded_like(scale, moments.scale)
             return q8.encode(m, u, scale, q8.dither_bits(g.shape, count, salt))
 

@@ -18,7 +18,7 @@ encoding keeps exactly what that direction needs:
 * ``m``: a signed byte ``j`` per element, ``j = round(127 * m / u)`` of the
   float ``m`` and ``u``, read back as ``m = u * j / 127``: the ratio the
   direction reads, to within 1/254 (to nearest; 1/127 stochastically),
-  however ``u`` was rounded.
+  however ``u`` was rounded; ``j = -128`` marks a moment that is not finite.
 
 The two bytes of an element are one ``uint16`` word (``u``'s high), so that
 one pass reads and writes each element's state.
@@ -33,8 +33,9 @@ is a hash of the element's position and the update count, reproducible and
 free of any key. The block scale follows the float rule exactly,
 ``scale = maximum(beta_2 * scale, max(|g|))``.
 
-A NaN or an infinity in a gradient makes its whole block NaN for good, where
-float state makes one element's direction NaN (neither recovers: use
+A NaN or an infinity in a gradient makes that element's moments NaN for good
+(``m``'s code ``-128``, which no finite ratio takes), as float state makes
+them; the rest of its block keeps its scale (neither recovers: use
 ``skip_nonfinite``).
 """
 
@@ -59,6 +60,10 @@ _BASE = (127 << MANTISSA_BITS) - TOP_CODE  # float32 (exponent, mantissa) of k =
 
 RATIO_CODES = 127
 """``m``'s code for ``m = u``."""
+
+NONFINITE_CODE = -128
+"""``m``'s code for a moment that is not finite (a NaN or an infinity in a
+gradient): read back as NaN, ``m`` and ``u`` alike."""
 
 DEFAULT_BLOCK_SIZE = 256
 """Elements per scale: 4 bytes of scale per 256 elements, 1/64 byte each."""
@@ -161,9 +166,10 @@ def decode(moments: Moments8Bit) -> tuple[jax.Array, jax.Array]:
     """``(m, u)`` in float32 from their codes."""
     word = jax.lax.bitcast_convert_type(moments.codes, jnp.int16)
     u_codes = (word >> 8).astype(jnp.int32) & 0xFF
-    m_codes = ((word << 8) >> 8).astype(jnp.float32)  # the low byte, signed
+    m_codes = (word << 8) >> 8  # the low byte, signed
     u = _per_element(moments.scale, moments.block) * _u_over_scale(u_codes)
-    return m_codes * (1.0 / RATIO_CODES) * u, u
+    u = jnp.where(m_codes == NONFINITE_CODE, jnp.nan, u)
+    return m_codes.astype(jnp.float32) * (1.0 / RATIO_CODES) * u, u
 
 
 def encode(
@@ -190,35 +196,50 @@ def encode(
     kept = ((ratio_bits + u_dither) >> _SHIFT).astype(jnp.int32) - _BASE
     u_codes = jnp.clip(kept, 0, TOP_CODE)
     # m's code is its ratio to u itself (not to u's code): decoded, m / u
-    # keeps Adamax's direction whatever the rounding of u.
-    ratio = jnp.where((u > 0) & (u_codes > 0), m / jnp.where(u > 0, u, 1.0), 0.0)
+    # keeps Adamax's direction whatever the rounding of u. (u = 0 only where
+    # m = 0; u's code 0 reads m as 0 whatever its code.)
+    ratio = m / jnp.where(u > 0, u, 1.0)
     m_codes = jnp.clip(
         jnp.floor(ratio * RATIO_CODES + m_dither), -RATIO_CODES, RATIO_CODES
     ).astype(jnp.int32)
+    nonfinite = ~(jnp.isfinite(m) & jnp.isfinite(u))
+    m_codes = jnp.where(nonfinite, NONFINITE_CODE, m_codes)
     codes = (u_codes << 8) | (m_codes & 0xFF)
     return Moments8Bit(codes.astype(jnp.uint16), scale)
 
 
 def block_max_abs(x: jax.Array, block: int) -> jax.Array:
-    """Each block's largest ``|x|``, NaN where the block holds a NaN or an
-    infinity (float state makes that element's ``u`` NaN or infinite, and its
-    direction NaN).
+    """Each block's largest ``|x|`` (a NaN in the block may or may not be
+    dropped, an infinity is kept: see :func:`block_scale`).
 
     Built-in reductions of ``x`` itself, which every backend and the SPMD
-    partitioner take: measured on XLA:CPU, ``max(abs(x))`` runs 7x slower
-    (``abs`` is written out first), and its max reduction may drop a NaN,
-    which the sum of ``x * 0`` keeps.
+    partitioner take, each block first reduced to 16 lanes across its rows of
+    16 (a reduction over a major axis, which XLA:CPU vectorises along the
+    lanes): measured in the update step on XLA:CPU, a reduction along the
+    block's own axis runs at a third of the speed of this form, and
+    ``max(abs(x))`` slower again (``abs`` is written out first).
     """
-    blocks = _blocks(x, block)
-    largest = jnp.maximum(jnp.max(blocks, axis=-1), -jnp.min(blocks, axis=-1))
-    return largest + jnp.sum(blocks * 0.0, axis=-1)
+    lanes = math.gcd(block, 16)
+    rows = x.reshape(*x.shape[:-1], x.shape[-1] // block, block // lanes, lanes)
+    largest = jnp.maximum(jnp.max(rows, axis=-2), -jnp.min(rows, axis=-2))
+    return jnp.max(largest, axis=-1)
+
+
+def block_scale(floor: jax.Array, x: jax.Array, block: int) -> jax.Array:
+    """The block scales ``maximum(floor, max |x|)``, where that is finite;
+    ``floor`` where ``x`` holds a NaN or an infinity (whose element reads back
+    as NaN, as float state makes it: the rest of its block keeps a scale)."""
+    scale = jnp.maximum(floor, block_max_abs(x, block))
+    return jnp.where(jnp.isfinite(scale), scale, floor)
 
 
 def dither_bits(shape: tuple[int, ...], count: jax.Array, salt: int = 0) -> jax.Array:
     """32 pseudo-random bits per element (uint32), a hash of the element's
     position, ``count`` and ``salt`` (a leaf's index, so that leaves of one
-    shape do not round alike) by the murmur3 finaliser: the same for the same
-    step, different from one step to the next."""
+    shape do not round alike): two multiply-xorshift rounds (the murmur3
+    finaliser's constants, one round fewer: the update step measured 8% faster
+    on XLA:CPU), the same for the same step, different from one step to the
+    next."""
     position = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
     stride = shape[-1]
     for axis in range(len(shape) - 2, -1, -1):
@@ -226,14 +247,10 @@ def dither_bits(shape: tuple[int, ...], count: jax.Array, salt: int = 0) -> jax.
             jnp.uint32, shape, axis
         ) * jnp.uint32(stride % 2**32)
         stride *= shape[axis]
-    step = count.astype(jnp.uint32) * jnp.uint32(0x85EBCA77)
-    h = (
-        position * jnp.uint32(0x9E3779B1)
-        + step
-        + jnp.uint32((salt * 0xC2B2AE3D) % 2**32)
+    key = count.astype(jnp.uint32) * jnp.uint32(0x85EBCA77) + jnp.uint32(
+        (salt * 0xC2B2AE3D) % 2**32
     )
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x7FEB352D)
+    h = (position ^ key) * jnp.uint32(0x9E3779B1)
     h = h ^ (h >> 15)
     h = h * jnp.uint32(0x846CA68B)
     return h ^ (h >> 16)
