@@ -60,8 +60,7 @@ def encoded_moments(m: Any, u: Any, like_m: Any) -> tuple[Any, Any]:
         if not q8.is_8bit(like):
             return _Moments(m, u)
         m, u = jnp.asarray(m, jnp.float32), jnp.asarray(u, jnp.float32)
-        finite = jnp.where(jnp.isfinite(u), u, 0.0)  # a NaN reads back as NaN
-        scale = q8.block_scale(jnp.zeros([], jnp.float32), finite, like.block)
+        scale = q8.finite_block_max_abs(u, like.block)  # a NaN reads back as NaN
         return _Moments(q8.encode(m, u, scale), optax.MaskedNode())
 
     pairs = jax.tree.map(encode, m, u, like_m, is_leaf=q8.is_8bit)
@@ -220,20 +219,47 @@ def scale_by_keras_adamax(
 
         count = optax.safe_increment(state.count)
 
+        b2_f32 = _common.as_compute_scalar(beta_2, jnp.float32)
+
         def eight_bit(
-            g: jax.Array, moments: q8.Moments8Bit, salt: int
+            g: jax.Array, moments: q8.Moments8Bit, salt: int, scale: jax.Array
         ) -> q8.Moments8Bit:
-            # Decoded, advanced in float32 as a float state is, encoded again;
-            # the block scale is the float rule's block maximum.
-            g = _common.sharded_like(g, moments.codes).astype(jnp.float32)
+            # Decoded, advanced in float32 as a float state is, encoded again
+            # against the new block ``scale``.
+            g = g.astype(jnp.float32)
             b1 = _common.as_compute_scalar(beta_1, jnp.float32)
-            b2 = _common.as_compute_scalar(beta_2, jnp.float32)
             m, u = q8.decode(moments)
             m = m + (g - m) * (1 - b1)
-            u = jnp.maximum(b2 * u, jnp.abs(g))
-            scale = q8.block_scale(b2 * moments.scale, g, moments.block)
+            u = jnp.maximum(b2_f32 * u, jnp.abs(g))
             scale = _common.sharded_like(scale, moments.scale)
             return q8.encode(m, u, scale, q8.dither_bits(g.shape, count, salt))
+
+        def advance_8bit(ms: list[Any], gs: list[Any]) -> list[Any]:
+            gs = [_common.sharded_like(g, m.codes) for g, m in zip(gs, ms, strict=True)]
+            floors = [b2_f32 * m.scale for m in ms]
+            scales = [
+                q8.block_scale(g.astype(jnp.float32), m.block, floor)
+                for g, m, floor in zip(gs, ms, floors, strict=True)
+            ]
+
+            def finite_scales(gs: list[Any], _: Any) -> list[Any]:
+                # A NaN or an infinity is left to its element (read back as
+                # NaN); the rest of its block is scaled as without it.
+                return [
+                    jnp.maximum(
+                        floor, q8.finite_block_max_abs(g.astype(jnp.float32), m.block)
+                    )
+                    for g, m, floor in zip(gs, ms, floors, strict=True)
+                ]
+
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in scales]))
+            scales = jax.lax.cond(
+                finite, lambda gs, scales: scales, finite_scales, gs, scales
+            )
+            return [
+                eight_bit(g, m, i, scale)
+                for i, g, m, scale in zip(which, gs, ms, scales, strict=True)
+            ]
 
         def advance_leaf(g: jax.Array, m: Any, u: Any) -> Any:
             if q8.is_8bit(m):
@@ -253,9 +279,7 @@ def scale_by_keras_adamax(
             # codes (twice the arithmetic) and keep them in a copy.
             new_codes = jax.lax.cond(
                 count > 0,
-                lambda ms, gs: [
-                    eight_bit(g, m, i) for i, g, m in zip(which, gs, ms, strict=True)
-                ],
+                advance_8bit,
                 lambda ms, gs: list(ms),
                 [m_leaves[i] for i in which],
                 [g_leaves[i] for i in which],

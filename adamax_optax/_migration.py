@@ -163,33 +163,43 @@ def _carry(old: Any, fresh: Any, where: str) -> Any:
 def _carry_moments(old: dict[str, Any], fresh: ScaleByKerasAdamaxState) -> Any:
     """The old ``m`` and ``u`` in the fresh state's form: decoded from 8 bits
     where the old state held them so, encoded where the fresh one does."""
-    old_m, old_u = decoded_moments(*_as_saved(old["m"], old["u"]))
+    old_m, old_u = decoded_moments(*_from_restored(old["m"], old["u"]))
     fresh_m, fresh_u = decoded_moments(fresh.m, fresh.u)
     m = _carry(old_m, fresh_m, "adamax.m")
     u = _carry(old_u, fresh_u, "adamax.u")
     return encoded_moments(m, u, fresh.m)
 
 
-def _as_saved(m: Any, u: Any) -> tuple[Any, Any]:
+def _is_restored_8bit(x: Any) -> bool:
+    """Whether ``x`` is 8-bit moments as orbax restores them without a target:
+    a ``{"codes", "scale"}`` dict of ``uint16`` codes."""
+    if not isinstance(x, Mapping) or set(x) != {"codes", "scale"}:
+        return False
+    return getattr(x["codes"], "dtype", None) == np.uint16
+
+
+def _from_restored(m: Any, u: Any) -> tuple[Any, Any]:
     """Moments as the state holds them, from the plain containers orbax
     restores without a target: an 8-bit leaf's ``{"codes", "scale"}`` dict
-    as ``Moments8Bit``, its ``u`` (restored as ``None``) as a ``MaskedNode``."""
+    (whose ``u`` was restored as ``None``) as ``Moments8Bit`` and its ``u`` as
+    a ``MaskedNode``."""
 
-    def is_saved_8bit(x: Any) -> bool:
-        return isinstance(x, Mapping) and set(x) == {"codes", "scale"}
+    def is_node(x: Any) -> bool:
+        return q8.is_8bit(x) or _is_restored_8bit(x)
 
-    m = jax.tree.map(
-        lambda x: q8.Moments8Bit(x["codes"], x["scale"]) if is_saved_8bit(x) else x,
-        m,
-        is_leaf=is_saved_8bit,
+    def restored(m: Any, u: Any) -> bool:
+        return _is_restored_8bit(m) and (u is None or isinstance(u, optax.MaskedNode))
+
+    def moments(m: Any, u: Any) -> Any:
+        return q8.Moments8Bit(m["codes"], m["scale"]) if restored(m, u) else m
+
+    def norm(m: Any, u: Any) -> Any:
+        return optax.MaskedNode() if restored(m, u) else u
+
+    return (
+        jax.tree.map(moments, m, u, is_leaf=is_node),
+        jax.tree.map(norm, m, u, is_leaf=is_node),
     )
-    u = jax.tree.map(
-        lambda m, u: optax.MaskedNode() if q8.is_8bit(m) else u,
-        m,
-        u,
-        is_leaf=q8.is_8bit,
-    )
-    return m, u
 
 
 def _read_restored_groups(found: dict[str, list[dict[str, Any]]], fresh: Any) -> None:
@@ -207,20 +217,24 @@ def _read_restored_groups(found: dict[str, list[dict[str, Any]]], fresh: Any) ->
                     value, list | tuple
                 ):
                     continue
-                parts = [_as_saved_part(part) for part in value]
+                parts = [_part_from_restored(part) for part in value]
                 if len(parts) == len(view.parts) and all(
                     _same_shape(a, b) for a, b in zip(parts, view.parts, strict=True)
                 ):
                     old[name] = _grouping.Grouped(parts, view.layout).ungroup()
 
 
-def _as_saved_part(value: Any) -> Any:
+def _part_from_restored(value: Any) -> Any:
     """A part as the state held it, from what orbax restores without a
     target: 8-bit moments as a ``{"codes", "scale"}`` dict, a ``MaskedNode``
     as ``None``."""
-    if isinstance(value, Mapping) and set(value) == {"codes", "scale"}:
+    if _is_restored_8bit(value):
         return q8.Moments8Bit(value["codes"], value["scale"])
     return optax.MaskedNode() if value is None else value
+
+
+def _member_shape(part: Any) -> tuple[int, ...]:
+    return part.shape if q8.is_8bit(part) else np.shape(part)
 
 
 def _same_shape(a: Any, b: Any) -> bool:
@@ -228,8 +242,7 @@ def _same_shape(a: Any, b: Any) -> bool:
     stands for any)."""
     if isinstance(a, optax.MaskedNode) or isinstance(b, optax.MaskedNode):
         return True
-    shape = lambda x: x.shape if q8.is_8bit(x) else np.shape(x)  # noqa: E731
-    return shape(a) == shape(b)
+    return _member_shape(a) == _member_shape(b)
 
 
 def _default(role: str, field: str, old: dict[str, Any], fresh: Any) -> Any:

@@ -96,8 +96,7 @@ def state_shardings(
             # (their length was chosen without the parameter's sharding, under
             # Auto axes) leaves the scales whole along it.
             scale_spec = [
-                entry if blocks[d] % _split_count(entry, mesh) == 0 else None
-                for d, entry in enumerate(spec)
+                _dividing_part(entry, blocks[d], mesh) for d, entry in enumerate(spec)
             ]
             return _quantization.Moments8Bit(
                 NamedSharding(mesh, PartitionSpec(*spec)),
@@ -198,6 +197,18 @@ def _split_count(entry: Any, mesh: Mesh) -> int:
         return 1
     names = (entry,) if isinstance(entry, str) else tuple(entry)
     return int(np.prod([mesh.shape[name] for name in names]))
+
+
+def _dividing_part(entry: Any, count: int, mesh: Mesh) -> Any:
+    """The longest leading part of a dimension's mesh axes whose shards divide
+    ``count`` (``None`` if none does)."""
+    names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+    names = tuple(names)
+    while names and count % _split_count(names, mesh):
+        names = names[:-1]
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else names
 
 
 def _with_axis(entry: Any, axis_name: str) -> Any:
