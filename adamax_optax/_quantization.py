@@ -210,9 +210,10 @@ def block_max_abs(x: jax.Array, block: int) -> jax.Array:
     Built-in reductions of ``x`` itself, which every backend and the SPMD
     partitioner take, each block first reduced to 16 lanes across its rows of
     16 (a reduction over a major axis, which XLA:CPU vectorises along the
-    lanes): measured in the update step on XLA:CPU, a reduction along the
-    block's own axis runs at a third of the speed of this form, and
-    ``max(abs(x))`` slower again (``abs`` is written out first).
+    lanes): the update step at 32M parameters on XLA:CPU measured 1.54x
+    float32 state's with the reduction along the block's own axis, 1.09x
+    with this form (``max(abs(x))`` is slower again: ``abs`` is written out
+    first).
     """
     lanes = math.gcd(block, 16)
     rows = x.reshape(*x.shape[:-1], x.shape[-1] // block, block // lanes, lanes)
@@ -236,7 +237,8 @@ def finite_block_max_abs(x: jax.Array, block: int) -> jax.Array:
         finite = jnp.where(jnp.isfinite(column), jnp.abs(column), 0.0)
         return jnp.maximum(largest, finite)
 
-    return jax.lax.fori_loop(0, block, widen, jnp.zeros(rows.shape[:-1], x.dtype))
+    # The carry starts as a column, so that it has the columns' sharding.
+    return jax.lax.fori_loop(0, block, widen, jnp.zeros_like(rows[..., 0]))
 
 
 def block_scale(x: jax.Array, block: int, floor: jax.Array) -> jax.Array:
