@@ -235,6 +235,8 @@ def scale_by_keras_adamax(
             return q8.encode(m, u, scale, q8.dither_bits(g.shape, count, salt))
 
         def advance_8bit(ms: list[Any], gs: list[Any]) -> list[Any]:
+            # Cast where each is read, not once here: a cast gradient handed to
+            # the conditional below would be written out whole.
             gs = [_common.sharded_like(g, m.codes) for g, m in zip(gs, ms, strict=True)]
             floors = [b2_f32 * m.scale for m in ms]
             scales = [

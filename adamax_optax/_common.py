@@ -133,17 +133,25 @@ def sharded_like(x: jax.Array, reference: jax.Array) -> jax.Array:
     return jax.sharding.reshard(x, target)
 
 
+def split_count(entry: Any, mesh: Any) -> int:
+    """Into how many shards one dimension's entry of a partition spec (a mesh
+    axis name, a tuple of them, or ``None``) splits it over ``mesh``."""
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    return int(np.prod([mesh.shape[name] for name in names]))
+
+
 def last_axis_shards(x: ArrayLike) -> int:
     """Into how many shards ``x``'s last axis is split, where its sharding is
     explicit (known at trace time, the same under ``eval_shape``); else 1."""
     sharding = getattr(jax.typeof(x), "sharding", None) if np.ndim(x) else None
     spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-    if not spec or mesh is None or len(spec) < np.ndim(x) or spec[-1] is None:
+    if not spec or mesh is None or len(spec) < np.ndim(x):
         return 1
     if jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
         return 1
-    names = (spec[-1],) if isinstance(spec[-1], str) else tuple(spec[-1])
-    return int(np.prod([mesh.shape[name] for name in names]))
+    return split_count(spec[-1], mesh)
 
 
 def state_dtype_of(leaf: ArrayLike, state_dtype: DTypeLike | None) -> np.dtype:

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from adamax_optax import _grouping, _quantization
+from adamax_optax import _common, _grouping, _quantization
 
 
 def state_shardings(
@@ -115,7 +115,7 @@ def state_shardings(
             return spec
         counts = shape if blocks is None else tuple(blocks)
         for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-            local = counts[dim] // _split_count(spec[dim], mesh)
+            local = counts[dim] // _common.split_count(spec[dim], mesh)
             if local % size == 0 and local >= size:
                 spec[dim] = _with_axis(spec[dim], axis_name)
                 break
@@ -192,19 +192,12 @@ def _axes_of(spec: list[Any]) -> set[str]:
     return axes
 
 
-def _split_count(entry: Any, mesh: Mesh) -> int:
-    if entry is None:
-        return 1
-    names = (entry,) if isinstance(entry, str) else tuple(entry)
-    return int(np.prod([mesh.shape[name] for name in names]))
-
-
 def _dividing_part(entry: Any, count: int, mesh: Mesh) -> Any:
     """The longest leading part of a dimension's mesh axes whose shards divide
     ``count`` (``None`` if none does)."""
     names = () if entry is None else (entry,) if isinstance(entry, str) else entry
     names = tuple(names)
-    while names and count % _split_count(names, mesh):
+    while names and count % _common.split_count(names, mesh):
         names = names[:-1]
     if not names:
         return None
