@@ -121,9 +121,17 @@ def _stack(leaves: list[Any]) -> Any:
     if isinstance(first, jax.ShapeDtypeStruct):  # an abstract tree
         return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
     dtype = jnp.result_type(*leaves)
+    # One primitive a leaf: a step traces this for every small leaf of the
+    # gradients and the parameters.
     return jax.lax.concatenate(
-        [jax.lax.expand_dims(jnp.asarray(x, dtype), (0,)) for x in leaves], 0
+        [jax.lax.expand_dims(_in_dtype(x, dtype), (0,)) for x in leaves], 0
     )
+
+
+def _in_dtype(x: Any, dtype: Any) -> jax.Array:
+    if isinstance(x, jax.Array) and x.dtype == dtype:
+        return x
+    return jnp.asarray(x, dtype)
 
 
 def _unstack(part: Any, count: int) -> list[Any]:
@@ -141,7 +149,7 @@ def _unstack(part: Any, count: int) -> list[Any]:
             _quantization.Moments8Bit(c, s) for c, s in zip(codes, scales, strict=True)
         ]
     part = _whole_on_axis_0(part)
-    return [jax.lax.index_in_dim(part, i, keepdims=False) for i in range(count)]
+    return [jax.lax.squeeze(x, (0,)) for x in jax.lax.split(part, [1] * count)]
 
 
 def _whole_on_axis_0(part: jax.Array) -> jax.Array:

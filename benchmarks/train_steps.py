@@ -30,6 +30,9 @@ from peers import FULL_OPTIONS, optax_chain, with_ema
 
 from adamax_optax import adamax
 
+ACCUMULATION_STEPS = 4
+"""``N`` of the accumulating rows; a round times whole groups of ``N`` calls."""
+
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "sgd (the model's own step)": lambda: optax.sgd(0.01),
     "optax.adamax": lambda: optax.adamax(1e-3),
@@ -37,10 +40,10 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "optax chain clip+decay+EMA": lambda: with_ema(optax_chain()),
     "adamax_optax clip+decay+EMA": lambda: adamax(**FULL_OPTIONS),
     "optax.MultiSteps(chain), N=4": lambda: with_ema(
-        optax.MultiSteps(optax_chain(), 4).gradient_transformation()
+        optax.MultiSteps(optax_chain(), ACCUMULATION_STEPS).gradient_transformation()
     ),
     "adamax_optax clip+decay+EMA, N=4": lambda: adamax(
-        **FULL_OPTIONS, gradient_accumulation_steps=4
+        **FULL_OPTIONS, gradient_accumulation_steps=ACCUMULATION_STEPS
     ),
 }
 PEERS = {
@@ -60,7 +63,7 @@ def train_step(tx: optax.GradientTransformation, loss_fn: Callable[..., Any]):
 
 
 def run_model(
-    name: str, rounds: int = 5, steps: int = 3, compile_rounds: int = 3
+    name: str, rounds: int = 5, steps: int = 4, compile_rounds: int = 3
 ) -> list[dict[str, Any]]:
     """Compile and time every optimizer on one model, interleaved.
 
@@ -68,7 +71,16 @@ def run_model(
     spell of the machine falls on all of them; a row gives the median over the
     rounds and, for its ratios to the model's own SGD step and to its optax
     peer, the median and the range of the ratios taken within each round.
+
+    A round's time is the mean of ``steps`` consecutive calls, a whole number of
+    accumulation groups (``N = 4``): under accumulation three calls in four are
+    micro-steps, so the median of single calls would time a micro-step alone.
     """
+    if steps % ACCUMULATION_STEPS:
+        raise ValueError(
+            f"`steps` must be a multiple of {ACCUMULATION_STEPS} (whole "
+            f"accumulation groups). Received: steps={steps}"
+        )
     params, batch, loss_fn = MODELS[name]()
     leaves = len(jax.tree.leaves(params))
     size = sum(x.size for x in jax.tree.leaves(params))
@@ -88,14 +100,14 @@ def run_model(
         for label, tx in optimizers.items():
             fresh = jax.tree.map(jnp.array, params)
             state = tx.init(fresh)
-            fresh, state, loss = compiled[label](fresh, state, batch)  # warm-up
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
+            for _ in range(ACCUMULATION_STEPS):  # warm-up: one whole group
                 fresh, state, loss = compiled[label](fresh, state, batch)
-                jax.block_until_ready((fresh, state, loss))
-                times.append(time.perf_counter() - start)
-            step_ms[label].append(float(np.median(times)) * 1e3)
+            jax.block_until_ready((fresh, state, loss))
+            start = time.perf_counter()
+            for _ in range(steps):
+                fresh, state, loss = compiled[label](fresh, state, batch)
+            jax.block_until_ready((fresh, state, loss))
+            step_ms[label].append((time.perf_counter() - start) / steps * 1e3)
             del fresh, state, loss
     sgd = next(iter(OPTIMIZERS))
     rows = []
@@ -165,7 +177,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("models", nargs="+", choices=sorted(MODELS))
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
-    parser.add_argument("--steps", type=int, default=3, help="steps timed a round")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="calls timed a round (a multiple of 4)"
+    )
     parser.add_argument("--compile-rounds", type=int, default=3)
     parser.add_argument("--json", default="train_steps.json")
     args = parser.parse_args(argv)
