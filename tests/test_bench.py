@@ -129,3 +129,12 @@ def test_memory_table_matches_the_closed_forms(tmp_path):
         table["float32", "quantized", "-"] + 4.0, abs=1e-3
     )
     assert (tmp_path / "memory.json").exists()
+
+
+def test_training_steps_are_timed_in_whole_accumulation_groups():
+    """Three calls in four are micro-steps under accumulation: a round that
+    timed another number of calls would weigh the update step wrongly."""
+    import train_steps
+
+    with pytest.raises(ValueError, match="`steps` must be a multiple of 4"):
+        train_steps.run_model("mlp", steps=3)
