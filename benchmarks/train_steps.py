@@ -73,8 +73,9 @@ def run_model(
     peer, the median and the range of the ratios taken within each round.
 
     A round's time is the mean of ``steps`` consecutive calls, a whole number of
-    accumulation groups (``N = 4``): under accumulation three calls in four are
-    micro-steps, so the median of single calls would time a micro-step alone.
+    accumulation groups (:data:`ACCUMULATION_STEPS` calls each): under
+    accumulation most calls are micro-steps, so the median of single calls
+    would time a micro-step alone.
     """
     if steps % ACCUMULATION_STEPS:
         raise ValueError(
@@ -178,7 +179,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("models", nargs="+", choices=sorted(MODELS))
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
     parser.add_argument(
-        "--steps", type=int, default=4, help="calls timed a round (a multiple of 4)"
+        "--steps",
+        type=int,
+        default=ACCUMULATION_STEPS,
+        help=f"calls timed a round (a multiple of {ACCUMULATION_STEPS})",
     )
     parser.add_argument("--compile-rounds", type=int, default=3)
     parser.add_argument("--json", default="train_steps.json")
