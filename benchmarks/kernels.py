@@ -4,9 +4,10 @@ A structural count, free of timing noise and valid for any backend: the number o
 XLA fusions, loops and conditionals, in every computation of the compiled program,
 of one donated ``tx.update`` then ``optax.apply_updates``, for 8, 100 and 1000
 float32 leaves of 32x32. Each configuration is counted grouped (the library's
-form: small leaves of one shape stacked, at most ``_grouping.MAX_MEMBERS`` a
-group) and per leaf (``MAX_MEMBERS = 1``), to show what grouping removes: grouped,
-the count grows with the groups, plus one parameter write per leaf.
+form: the small leaves of a shape that ``_grouping.MIN_SHARED`` leaves or more
+share, stacked at most ``_grouping.MAX_MEMBERS`` a group; fewer stay per leaf)
+and per leaf (``MAX_MEMBERS = 1``), to show what grouping removes: grouped, the
+count grows with the groups, plus one parameter write per leaf.
 """
 
 from __future__ import annotations

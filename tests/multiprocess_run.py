@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from adamax_optax import (  # noqa: E402
+    _grouping,
     adamax,
     finalize_variable_values,
     get_iterations,
@@ -36,6 +37,9 @@ OPTIONS = dict(
     ema_momentum=0.9,
     gradient_accumulation_steps=2,
 )
+# The library stacks a shape shared by `_grouping.MIN_SHARED` leaves or more;
+# from 2 here, so that "bias" and "gain" stand for a deep model's hundreds.
+_grouping.MIN_SHARED = 2
 # "bias" and "gain" share a shape: the optimizer keeps their state stacked.
 SHAPES = {"kernel": (16, 8), "bias": (8,), "gain": (8,)}
 STEPS = 6

@@ -2,7 +2,9 @@
 
 A model of 20 equal layers (kernels (4, 3), biases (3,)) is grouped into
 stacks; every option must still agree with real Keras, which runs each leaf on
-its own, and the state's readers must see the per-leaf state.
+its own, and the state's readers must see the per-leaf state. The library
+stacks a shape from :data:`_grouping.MIN_SHARED` leaves; these tests lower
+that to 2, so that 20 layers stand for a deep model's hundreds.
 """
 
 from __future__ import annotations
@@ -22,12 +24,19 @@ from test_keras_parity import build
 import adamax_optax
 from adamax_optax import _grouping, adamax, finalize_variable_values, migrate_state
 
+DEFAULT_MIN_SHARED = _grouping.MIN_SHARED
+DEFAULT_MAX_MEMBERS = _grouping.MAX_MEMBERS
 LAYERS = 20  # two groups a shape at 16 leaves a group: 16 + 4
 SHAPES = {
     **{f"layer_{i:02d}/kernel": (4, 3) for i in range(LAYERS)},
     **{f"layer_{i:02d}/bias": (3,) for i in range(LAYERS)},
     "head/kernel": (3, 2),
 }
+
+
+@pytest.fixture(autouse=True)
+def stack_from_two_leaves(monkeypatch):
+    monkeypatch.setattr(_grouping, "MIN_SHARED", 2)
 
 
 def problem(seed: int = 0, steps: int = 30):
@@ -66,6 +75,21 @@ def test_large_or_unique_leaves_keep_the_state_per_leaf():
     params = {"big": jnp.zeros((256, 256)), "other": jnp.zeros((256, 256))}
     state = adamax().init(params)
     assert state["adamax"].m.keys() == params.keys()
+
+
+def test_a_shape_is_stacked_only_when_many_leaves_share_it(monkeypatch):
+    monkeypatch.setattr(_grouping, "MIN_SHARED", DEFAULT_MIN_SHARED)
+    many, few = DEFAULT_MIN_SHARED, DEFAULT_MIN_SHARED - 1
+    params = {
+        **{f"many_{i:03d}": jnp.zeros((4,)) for i in range(many)},
+        **{f"few_{i:03d}": jnp.zeros((3,)) for i in range(few)},
+    }
+    m = adamax().init(params)["adamax"].m
+    stacked = [p.shape for p, s in zip(m.parts, m.stacked(), strict=True) if s]
+    alone = [p.shape for p, s in zip(m.parts, m.stacked(), strict=True) if not s]
+    assert sum(shape[0] for shape in stacked) == many
+    assert all(shape[1:] == (4,) for shape in stacked)
+    assert alone == [(3,)] * few
 
 
 def test_exclusions_never_share_a_stack():
@@ -111,7 +135,7 @@ def test_a_per_leaf_state_migrates_to_grouped_and_back(monkeypatch):
     monkeypatch.setattr(_grouping, "MAX_MEMBERS", 1)
     per_leaf_tx = adamax(**build(config))
     half, per_leaf_state = run_ours(per_leaf_tx, params, grads[:10])
-    monkeypatch.undo()
+    monkeypatch.setattr(_grouping, "MAX_MEMBERS", DEFAULT_MAX_MEMBERS)
     tx = adamax(**build(config))
     # As it is, a per-leaf state still runs (leaf by leaf, as it was saved).
     _, as_saved = tx.update(grads[10], per_leaf_state, half)

@@ -405,8 +405,10 @@ def test_a_leaf_without_a_fitting_block_keeps_float_state():
     assert state.m.dtype == jnp.float32
 
 
-def test_equal_leaves_stack_their_8bit_state_and_read_back_per_leaf():
-    # Three leaves of 8192 elements share a shape: one stacked part.
+def test_equal_leaves_stack_their_8bit_state_and_read_back_per_leaf(monkeypatch):
+    # Three leaves of 8192 elements share a shape: one stacked part (stacked
+    # from 2 leaves a shape, as a deep model's hundreds are).
+    monkeypatch.setattr(_grouping, "MIN_SHARED", 2)
     params = {f"layer_{i}": jnp.full((64, 128), 0.1 * i) for i in range(3)}
     rng = np.random.default_rng(5)
     grads = [

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from sharded_run import EXPLICIT_CONFIGS, assert_trees_close, parts_by_leaf
 
 from adamax_optax import (
+    _grouping,
     adamax,
     finalize_variable_values,
     get_iterations,
@@ -26,6 +27,10 @@ from adamax_optax import (
     get_loss_scale,
     state_shardings,
 )
+
+# The library stacks a shape shared by `_grouping.MIN_SHARED` leaves or more;
+# from 2 here, so that "bias" and "gain" stand for a deep model's hundreds.
+_grouping.MIN_SHARED = 2
 
 # "bias" and "gain" share a shape: the optimizer keeps their state stacked.
 SHAPES = {"kernel": (64, 32), "bias": (32,), "gain": (32,), "odd": (7,)}
