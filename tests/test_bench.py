@@ -98,13 +98,24 @@ def test_each_missing_peer_is_named(monkeypatch, capsys):
 def test_grouped_kernels_grow_with_the_groups_not_the_leaves(tmp_path):
     """The structural count: 32 more leaves of one shape add 32 kernels per
     leaf and more (at least 3 each: m, u, w), grouped the 32 parameter writes
-    and a few kernels for each of the two stacks more."""
+    and a few kernels for each of the two stacks more (from the fewest leaves
+    a shape that the library stacks)."""
     import kernels
 
-    rows = kernels.main(["--leaves", "16", "48", "--json", str(tmp_path / "k.json")])
+    few_leaves = kernels._grouping.MIN_SHARED
+    many_leaves = few_leaves + 32
+    rows = kernels.main(
+        [
+            "--leaves",
+            str(few_leaves),
+            str(many_leaves),
+            "--json",
+            str(tmp_path / "k.json"),
+        ]
+    )
     by = {(r["configuration"], r["leaves"]): r for r in rows["rows"]}
     for name in kernels.CONFIGURATIONS:
-        few, many = by[name, 16], by[name, 48]
+        few, many = by[name, few_leaves], by[name, many_leaves]
         assert many["per_leaf"] - few["per_leaf"] >= 3 * 32
         assert many["grouped"] - few["grouped"] <= 32 + 2 * 8
         assert json.loads((tmp_path / "k.json").read_text())["rows"] == rows["rows"]
