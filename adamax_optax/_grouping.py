@@ -8,10 +8,10 @@ runs a transformation on a *grouped view* of the tree instead: the leaves that
 share a shape, a dtype and a label (their weight-decay and EMA exclusions),
 :data:`MIN_SHARED` of them or more, are stacked into one array per group, up
 to :data:`MAX_MEMBERS` leaves of fewer than :data:`MAX_ELEMENTS` elements
-each, and the state keeps them stacked. A
-step then gathers the gradients into their groups once, runs the optimizer's
-elementwise math once per group, and slices the updates back, where XLA fuses
-each slice into the caller's ``optax.apply_updates``.
+each, and the state keeps them stacked. A step then gathers the gradients into
+their groups once, runs the optimizer's elementwise math once per group, and
+slices the updates back, where XLA fuses each slice into the caller's
+``optax.apply_updates``.
 
 A tree with nothing to group (every leaf large, or of a shape shared by few
 others) is left as it is: the view is the tree itself, and so is the state.
@@ -41,8 +41,9 @@ for them to be stacked. XLA's CPU backend compiles each distinct kernel once,
 so the updates of a few equal leaves cost one kernel's compile however many
 they are, while their stacks cost a gather and a parameter write per position
 in a stack: a ResNet-50's 106 BatchNorm leaves (8 to 32 a shape) compiled
-1.1x slower stacked than per leaf. A deep stack of equal layers (hundreds of
-leaves a shape) is where stacking pays."""
+1.18x slower stacked than per leaf (10.5 s against 8.9 s, the whole step on a
+2-core CPU). A deep stack of equal layers (hundreds of leaves a shape) is where
+stacking pays."""
 
 MAX_MEMBERS = 16
 """The most leaves in one group. XLA's CPU backend compiles the slices of one
