@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from cases import micro_step_of
 from footprint import donated
-from harness import Case, interleaved_ratio, make_tree
+from harness import Case, cpu_description, interleaved_ratio, make_tree
 
 from adamax_optax import adamax
 
@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--json", type=pathlib.Path, default=pathlib.Path("bench_results_memory.json")
     )
     args = parser.parse_args(argv)
-    result: dict[str, Any] = dict(jax=jax.__version__, bytes=bytes_rows())
+    result: dict[str, Any] = dict(
+        jax=jax.__version__, cpu=cpu_description(), bytes=bytes_rows()
+    )
+    print(f"jax {jax.__version__}, {result['cpu']}")
     print(f"{'params':9} {'state':14} {'options':20} {'state bytes / parameter':>24}")
     for r in result["bytes"]:
         print(
