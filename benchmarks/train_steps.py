@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from harness import cpu_description
 from models import MODELS
 from peers import FULL_OPTIONS, optax_chain, with_ema
 
@@ -187,12 +188,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--compile-rounds", type=int, default=3)
     parser.add_argument("--json", default="train_steps.json")
     args = parser.parse_args(argv)
-    print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0]}")
+    print(
+        f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0]}, "
+        f"{cpu_description()}"
+    )
     rows = []
     for name in args.models:
         rows += run_model(name, args.rounds, args.steps, args.compile_rounds)
         print_rows([row for row in rows if row["model"] == name])
-    result = dict(jax=jax.__version__, device=str(jax.devices()[0]), rows=rows)
+    result = dict(
+        jax=jax.__version__,
+        device=str(jax.devices()[0]),
+        cpu=cpu_description(),
+        rows=rows,
+    )
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
     return rows
