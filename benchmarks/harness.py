@@ -60,8 +60,12 @@ def cpu_description() -> str:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {
+        key.strip(): value.strip()
+        for key, value in (
+            line.split(":", 1) for line in text.splitlines() if ":" in line
+        )
+    }
     flags = set(fields.get("flags", "").split())
     widest = next(
         (f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), "none"

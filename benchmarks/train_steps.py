@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--compile-rounds", type=int, default=3)
     parser.add_argument("--json", default="train_steps.json")
     args = parser.parse_args(argv)
+    cpu = cpu_description()
     print(
-        f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0]}, "
-        f"{cpu_description()}"
+        f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0]}, {cpu}"
     )
     rows = []
     for name in args.models:
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     result = dict(
         jax=jax.__version__,
         device=str(jax.devices()[0]),
-        cpu=cpu_description(),
+        cpu=cpu,
         rows=rows,
     )
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
