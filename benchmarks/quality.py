@@ -7,13 +7,19 @@ state, trained from the same weights on the same batches, three seeds.
 * ``mlp``: the benchmarks' 1000-leaf MLP (500 tanh layers of width 64) fitting
   its own input, 300 steps at 1e-3 (each seed draws its own batch); final loss.
 
-Run ``python benchmarks/quality.py [--plot PATH]``; it prints a table and
-writes ``bench_results_quality.json``.
+The control: how far a final loss moves when nothing but the starting weights
+changes, by a relative ``1e-6`` (``--perturbed K``: ``K`` such starts a seed
+and a state, besides the unperturbed one). A gap between two states is only
+evidence where it is larger than each state's distance from itself.
+
+Run ``python benchmarks/quality.py [--plot PATH] [--perturbed K]``; it prints
+the tables and writes ``bench_results_quality.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
@@ -39,6 +45,22 @@ STATES: dict[str, dict[str, Any]] = {
     "quantized state": dict(quantized_state=True),
 }
 SEEDS = (0, 1, 2)
+PERTURBATION = 1e-6
+"""The relative size of a perturbed start's change to the initial weights."""
+
+
+def perturbed(params: Any, seed: int, start: int) -> Any:
+    """``params``, each weight times ``1 + PERTURBATION * n`` with ``n`` a
+    standard normal draw of ``(seed, start)``; start 0 is ``params`` itself."""
+    if start == 0:
+        return params
+    rng = np.random.default_rng((seed, start))
+    return jax.tree.map(
+        lambda w: (
+            w * (1 + PERTURBATION * jnp.asarray(rng.normal(size=w.shape), w.dtype))
+        ),
+        params,
+    )
 
 
 def train(
@@ -68,7 +90,7 @@ def train(
     return params, [float(x) for x in losses]
 
 
-def digits_runs() -> list[dict[str, Any]]:
+def digits_runs(starts: int = 1) -> list[dict[str, Any]]:
     from train_digits import Digits, build_mlp, loss_of, make_evaluate
 
     model = build_mlp()
@@ -86,9 +108,10 @@ def digits_runs() -> list[dict[str, Any]]:
         per_epoch = len(batches) // epochs
         init = model.init(jax.random.key(seed), jnp.zeros((1, 64)))["params"]
         schedule = optax.cosine_decay_schedule(0.01, len(batches))
-        for name, options in STATES.items():
-            tx = adamax(schedule, **options)
-            params, losses = train(loss_fn, init, tx, batches, cache, name)
+        for start, name in itertools.product(range(starts), STATES):
+            tx = adamax(schedule, **STATES[name])
+            first = perturbed(init, seed, start)
+            params, losses = train(loss_fn, first, tx, batches, cache, name)
             _, accuracy = evaluate(params, data.x_test, data.y_test)
             epoch_losses = [
                 float(np.mean(losses[i : i + per_epoch]))
@@ -99,6 +122,7 @@ def digits_runs() -> list[dict[str, Any]]:
                     task="digits",
                     state=name,
                     seed=seed,
+                    start=start,
                     final_loss=epoch_losses[-1],
                     test_accuracy=float(accuracy),
                     curve=epoch_losses,
@@ -107,7 +131,7 @@ def digits_runs() -> list[dict[str, Any]]:
     return rows
 
 
-def mlp_runs(steps: int = 300) -> list[dict[str, Any]]:
+def mlp_runs(steps: int = 300, starts: int = 1) -> list[dict[str, Any]]:
     params, _, loss_fn = models.mlp()
     rows, cache = [], {}
     for seed in SEEDS:
@@ -115,14 +139,16 @@ def mlp_runs(steps: int = 300) -> list[dict[str, Any]]:
             np.random.default_rng(100 + seed).normal(size=(32, 64)), jnp.float32
         )
         batches = [(x,)] * steps
-        for name, options in STATES.items():
-            tx = adamax(1e-3, **options)
-            _, losses = train(loss_fn, params, tx, batches, cache, name)
+        for start, name in itertools.product(range(starts), STATES):
+            tx = adamax(1e-3, **STATES[name])
+            first = perturbed(params, seed, start)
+            _, losses = train(loss_fn, first, tx, batches, cache, name)
             rows.append(
                 dict(
                     task="mlp",
                     state=name,
                     seed=seed,
+                    start=start,
                     final_loss=losses[-1],
                     test_accuracy=None,
                     curve=losses[:: max(1, steps // 60)],
@@ -133,7 +159,9 @@ def mlp_runs(steps: int = 300) -> list[dict[str, Any]]:
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per task and state: mean final loss and accuracy, and their gaps to
-    float32 state (loss: relative, accuracy: in points), seed by seed."""
+    float32 state (loss: relative, accuracy: in points), seed by seed, over
+    the unperturbed starts."""
+    rows = [r for r in rows if r["start"] == 0]
     out = []
     for task in sorted({r["task"] for r in rows}):
         reference = {
@@ -165,9 +193,43 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task, seed and state, over its starts: the final losses' median
+    and range, and how far a perturbed start ends from the unperturbed one
+    (the largest relative distance, ``self_gap``), against the gap of the
+    unperturbed run to float32 state's (``gap_to_float32``)."""
+    out = []
+    for task, seed in sorted({(r["task"], r["seed"]) for r in rows}):
+        runs = {
+            name: {
+                r["start"]: r["final_loss"]
+                for r in rows
+                if (r["task"], r["seed"], r["state"]) == (task, seed, name)
+            }
+            for name in STATES
+        }
+        reference = runs["float32 state"][0]
+        for name, losses in runs.items():
+            values = list(losses.values())
+            out.append(
+                dict(
+                    task=task,
+                    seed=seed,
+                    state=name,
+                    starts=len(values),
+                    median=float(np.median(values)),
+                    low=float(min(values)),
+                    high=float(max(values)),
+                    self_gap=float(max((v / losses[0] - 1 for v in values), key=abs)),
+                    gap_to_float32=float(losses[0] / reference - 1),
+                )
+            )
+    return out
+
+
 def print_rows(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> None:
     print(f"{'task':7} {'state':16} {'seed':>4} {'final loss':>11} {'test acc':>9}")
-    for r in rows:
+    for r in (r for r in rows if r["start"] == 0):
         accuracy = (
             "" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:8.2f}%"
         )
@@ -189,6 +251,19 @@ def print_rows(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> N
         )
 
 
+def print_spread(spreads: list[dict[str, Any]]) -> None:
+    print(
+        f"{'task':7} {'seed':>4} {'state':16} {'starts':>6} {'median loss':>12} "
+        f"{'range':>19} {'self gap':>9} {'gap to float32':>15}"
+    )
+    for s in spreads:
+        print(
+            f"{s['task']:7} {s['seed']:4d} {s['state']:16} {s['starts']:6d} "
+            f"{s['median']:12.5f} {s['low']:9.5f}-{s['high']:.5f} "
+            f"{100 * s['self_gap']:+8.2f}% {100 * s['gap_to_float32']:+14.2f}%"
+        )
+
+
 def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     import matplotlib
 
@@ -200,7 +275,7 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     colours = dict(zip(STATES, ("black", "tab:blue", "tab:orange"), strict=True))
     for axis, task in zip(np.atleast_1d(axes), tasks, strict=True):
         for r in rows:
-            if r["task"] == task:
+            if r["task"] == task and r["start"] == 0:
                 label = r["state"] if r["seed"] == 0 else None
                 axis.plot(
                     r["curve"], color=colours[r["state"]], lw=1, alpha=0.8, label=label
@@ -220,12 +295,30 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--json", type=pathlib.Path, default=pathlib.Path("bench_results_quality.json")
     )
     parser.add_argument("--mlp-steps", type=int, default=300)
+    parser.add_argument(
+        "--perturbed",
+        type=int,
+        default=4,
+        help="perturbed starts a seed and a state, besides the unperturbed one",
+    )
     args = parser.parse_args(argv)
-    rows = digits_runs() + mlp_runs(args.mlp_steps)
-    summaries = summary(rows)
+    starts = 1 + args.perturbed
+    rows = digits_runs(starts) + mlp_runs(args.mlp_steps, starts)
+    summaries, spreads = summary(rows), spread(rows)
     print_rows(rows, summaries)
+    print()
+    print_spread(spreads)
     args.json.write_text(
-        json.dumps(dict(jax=jax.__version__, runs=rows, summary=summaries), indent=1)
+        json.dumps(
+            dict(
+                jax=jax.__version__,
+                perturbation=PERTURBATION,
+                runs=rows,
+                summary=summaries,
+                spread=spreads,
+            ),
+            indent=1,
+        )
     )
     if args.plot is not None:
         plot(rows, args.plot)
