@@ -37,10 +37,10 @@ OPTIONS = dict(
     ema_momentum=0.9,
     gradient_accumulation_steps=2,
 )
-# The library stacks a shape shared by `_grouping.MIN_SHARED` leaves or more;
-# from 2 here, so that "bias" and "gain" stand for a deep model's hundreds.
-_grouping.MIN_SHARED = 2
-# "bias" and "gain" share a shape: the optimizer keeps their state stacked.
+# "bias" and "gain" share a shape: the optimizer keeps their state stacked
+# where shapes are stacked from 2 leaves (`STACK_FROM`), so that they stand for
+# a deep model's hundreds.
+STACK_FROM = 2
 SHAPES = {"kernel": (16, 8), "bias": (8,), "gain": (8,)}
 STEPS = 6
 
@@ -57,6 +57,9 @@ def problem() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
 
 
 def main(process_id: int, port: int, out: str) -> None:
+    # Set here, not at import: the test imports this module into its own
+    # process, where a module-level setting would reach every later test.
+    _grouping.MIN_SHARED = STACK_FROM
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
         num_processes=2,

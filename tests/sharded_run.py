@@ -22,8 +22,10 @@ from adamax_optax import _grouping, adamax, finalize_variable_values
 from adamax_optax._grouping import Grouped
 
 # The library stacks a shape shared by `_grouping.MIN_SHARED` leaves or more;
-# from 2 here, so that "bias" and "gain" stand for a deep model's hundreds.
-_grouping.MIN_SHARED = 2
+# from 2 in this script's run, so that "bias" and "gain" stand for a deep
+# model's hundreds. Set when it runs, not at import: pytest imports it to
+# collect doctests, and a module-level setting would reach every later test.
+STACK_FROM = 2
 
 
 def assert_trees_close(ours, reference, label) -> None:
@@ -227,5 +229,6 @@ def explicit_axes_and_unlike_state() -> None:
 
 
 if __name__ == "__main__":
+    _grouping.MIN_SHARED = STACK_FROM
     main()
     explicit_axes_and_unlike_state()

@@ -21,13 +21,13 @@ import numpy as np
 import optax
 from conftest import tolerance
 
-from adamax_optax import adamax, finalize_variable_values
+from adamax_optax import _grouping, adamax, finalize_variable_values
 
 SCRIPT = pathlib.Path(__file__).with_name("multiprocess_run.py")
 TIMEOUT_S = 240
 
 sys.path.insert(0, str(SCRIPT.parent))
-from multiprocess_run import OPTIONS, problem  # noqa: E402
+from multiprocess_run import OPTIONS, STACK_FROM, problem  # noqa: E402
 
 
 def free_port() -> int:
@@ -52,7 +52,7 @@ def single_process() -> tuple[dict, dict]:
     return p, finalize_variable_values(p, state)
 
 
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one(tmp_path, monkeypatch):
     port = free_port()
     env = {
         **os.environ,
@@ -82,6 +82,7 @@ def test_two_processes_train_like_one(tmp_path):
     for process, log in zip(processes, logs, strict=True):
         assert process.returncode == 0, log[-3000:]
 
+    monkeypatch.setattr(_grouping, "MIN_SHARED", STACK_FROM)  # as the processes
     params, ema = single_process()
     for out in outs:
         result = np.load(out)

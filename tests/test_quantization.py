@@ -322,12 +322,13 @@ def test_checkpoint_restores_and_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.parametrize("quantized", [True, False])
-def test_a_state_restored_without_a_target_migrates(tmp_path, quantized):
+def test_a_state_restored_without_a_target_migrates(tmp_path, quantized, monkeypatch):
     """orbax restores a state without a target as plain containers: 8-bit
     moments as ``{"codes", "scale"}`` dicts, ``u``'s ``MaskedNode`` as
     ``None``, a grouped view as the list of its parts. ``migrate_state``
     reads them back: to the same optimizer exactly the state saved, to the
     other form as the live state migrates."""
+    monkeypatch.setattr(_grouping, "MIN_SHARED", 2)  # "stack" stands for many
     params = {
         "w": jnp.ones((64, 512)),
         "b": jnp.ones((512,)),

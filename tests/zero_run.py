@@ -29,8 +29,10 @@ from adamax_optax import (
 )
 
 # The library stacks a shape shared by `_grouping.MIN_SHARED` leaves or more;
-# from 2 here, so that "bias" and "gain" stand for a deep model's hundreds.
-_grouping.MIN_SHARED = 2
+# from 2 in this script's run, so that "bias" and "gain" stand for a deep
+# model's hundreds. Set when it runs, not at import: pytest imports it to
+# collect doctests, and a module-level setting would reach every later test.
+STACK_FROM = 2
 
 # "bias" and "gain" share a shape: the optimizer keeps their state stacked.
 SHAPES = {"kernel": (64, 32), "bias": (32,), "gain": (32,), "odd": (7,)}
@@ -200,4 +202,5 @@ def quantized_tensor_parallel() -> None:
 
 
 if __name__ == "__main__":
+    _grouping.MIN_SHARED = STACK_FROM
     main()
