@@ -82,6 +82,31 @@ def test_codes_match_the_numpy_reference():
     assert np.mean(j != j_ref) < 1e-3
 
 
+def reference_dither(shape, count: int, salt: int) -> np.ndarray:
+    """The rounding draws as ``dither_bits`` documents them, in NumPy: the
+    element's row-major position and a key of the count and the salt, mixed by
+    two multiply-xorshift rounds (uint32 arithmetic, wrapping)."""
+    with np.errstate(over="ignore"):
+        position = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
+        key = np.uint32(count) * np.uint32(0x85EBCA77) + np.uint32(
+            (salt * 0xC2B2AE3D) % 2**32
+        )
+        h = (position ^ key) * np.uint32(0x9E3779B1)
+        h ^= h >> np.uint32(15)
+        h *= np.uint32(0x846CA68B)
+        return h ^ (h >> np.uint32(16))
+
+
+@pytest.mark.parametrize(
+    "shape", [(4096,), (4, 3, 64), (3, 16, 256), (5, 7, 100), (2, 4100)]
+)
+def test_rounding_draws_are_the_hash_of_the_row_major_position(shape):
+    # The position is built from octets where the last axis allows (the
+    # first three shapes), from the axis' own index where it does not.
+    draws = jax.jit(lambda c: q8.dither_bits(shape, c, 3))(jnp.int32(5))
+    np.testing.assert_array_equal(np.asarray(draws), reference_dither(shape, 5, 3))
+
+
 def test_round_trip_error_is_bounded_per_block():
     m, u = sample((16, 1024), seed=1)
     m_back, u_back = map(np.asarray, q8.decode(encode_nearest(m, u)))
