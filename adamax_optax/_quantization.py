@@ -61,7 +61,10 @@ _BASE = (127 << MANTISSA_BITS) - TOP_CODE  # float32 (exponent, mantissa) of k =
 RATIO_CODES = 127
 """``m``'s code for ``m = u``."""
 
-_TWO_COMPLEMENT = 1.5 * 2**23  # a float whose last mantissa bits count by 1
+_WHOLE_NUMBER_BIAS = 1.5 * 2**23
+"""float32's spacing is 1 in [2**23, 2**24): the bits of ``c + 1.5 * 2**23``
+are ``0x4B400000 + c`` for a whole number ``|c| < 2**22``, so their low byte
+is ``c``'s in two's complement."""
 
 NONFINITE_CODE = -128
 """``m``'s code for a moment that is not finite (a NaN or an infinity in a
@@ -199,11 +202,12 @@ def encode(
     m_code = jnp.clip(
         jnp.floor(ratio * RATIO_CODES + m_dither), -RATIO_CODES, RATIO_CODES
     )
-    # The code's low byte from the float's own bits: adding 1.5 * 2**23 puts
-    # a whole number below 2**22 in magnitude into the mantissa's low bits,
-    # in two's complement. (A float-to-int conversion is guarded by XLA
-    # against NaN and overflow, four more operations an element.)
-    m_byte = jax.lax.bitcast_convert_type(m_code + _TWO_COMPLEMENT, jnp.int32) & 0xFF
+    # The code's low byte from the float's own bits (``_WHOLE_NUMBER_BIAS``):
+    # a float-to-int conversion is guarded by XLA against NaN and overflow,
+    # four more operations an element. (A NaN code, from a moment that is not
+    # finite, is replaced below.)
+    m_bits = jax.lax.bitcast_convert_type(m_code + _WHOLE_NUMBER_BIAS, jnp.int32)
+    m_byte = m_bits & 0xFF
     nonfinite = ~(jnp.isfinite(m) & jnp.isfinite(u))
     m_byte = jnp.where(nonfinite, NONFINITE_CODE & 0xFF, m_byte)
     codes = (u_codes << 8) | m_byte
@@ -256,12 +260,12 @@ def block_scale(x: jax.Array, block: int, floor: jax.Array) -> jax.Array:
 
 
 def _last_axis_position(shape: tuple[int, ...]) -> jax.Array:
-    """Each element's index along the last axis (uint32), as
-    ``8 * (index // 8) + index % 8`` where the axis is a multiple of 8: XLA:CPU
-    then builds it from a vector's first index and the lanes' constant offsets,
-    where an iota along the axis is assembled lane by lane (8 scalar adds and
-    inserts a vector). The advance of the update step at 32M parameters measured
-    32 ms one way, 28 ms the other."""
+    """Each element's index along the last axis (uint32; ``shape`` has one
+    axis or more), as ``8 * (index // 8) + index % 8`` where the axis is a
+    multiple of 8: XLA:CPU then builds it from a vector's first index and the
+    lanes' constant offsets, where it assembles an iota along the axis lane by
+    lane (8 scalar adds and inserts a vector). The advance of the update step
+    at 32M parameters measured 32 ms with the iota, 28 ms with the octets."""
     last = shape[-1]
     if last % 8:
         return jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
@@ -273,13 +277,21 @@ def _last_axis_position(shape: tuple[int, ...]) -> jax.Array:
 
 def dither_bits(shape: tuple[int, ...], count: jax.Array, salt: int = 0) -> jax.Array:
     """32 pseudo-random bits per element (uint32), a hash of the element's
-    position, ``count`` and ``salt`` (a leaf's index, so that leaves of one
-    shape do not round alike), combined with xxHash32's primes and mixed as
-    Wellons' lowbias32 mixes, less its first shift and with the combining
-    multiply as its first round: two multiplies (the 2026-12-03 build took
-    three, a combining multiply and the whole of lowbias32; two measured 8%
-    faster in the update step on XLA:CPU). The same for the same step,
-    different from one step to the next."""
+    position (its row-major index in ``shape``, modulo 2**32), ``count`` and
+    ``salt`` (a leaf's index, so that leaves of one shape do not round alike).
+
+    With ``key = count * 0x85EBCA77 + salt * 0xC2B2AE3D`` and uint32 arithmetic
+    that wraps::
+
+        h = (position ^ key) * 0x9E3779B1
+        h = (h ^ (h >> 15)) * 0x846CA68B
+        bits = h ^ (h >> 16)
+
+    xxHash32's primes, mixed as Wellons' lowbias32 mixes, less its first shift
+    and with the combining multiply as its first round: two multiplies (the
+    2026-12-03 build took three, a combining multiply and the whole of
+    lowbias32; two measured 8% faster in the update step on XLA:CPU). The same
+    for the same step, different from one step to the next."""
     position = _last_axis_position(shape)
     stride = shape[-1]
     for axis in range(len(shape) - 2, -1, -1):

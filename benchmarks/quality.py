@@ -8,9 +8,11 @@ state, trained from the same weights on the same batches, three seeds.
   its own input, 300 steps at 1e-3 (each seed draws its own batch); final loss.
 
 The control: how far a final loss moves when nothing but the starting weights
-changes, by a relative ``1e-6`` (``--perturbed K``: ``K`` such starts a seed
-and a state, besides the unperturbed one). A gap between two states is only
-evidence where it is larger than each state's distance from itself.
+changes, each weight multiplied by ``1 + 1e-6 n`` (``n`` standard normal; a
+weight that starts at zero, a bias, stays zero), ``--perturbed K`` such starts
+a seed and a state besides the unperturbed one (default 4: five runs of each,
+about 7 minutes on 2 CPU cores). A gap between two states is only evidence
+where it is larger than each state's distance from itself.
 
 Run ``python benchmarks/quality.py [--plot PATH] [--perturbed K]``; it prints
 the tables and writes ``bench_results_quality.json``.

@@ -13,15 +13,12 @@ from __future__ import annotations
 import sys
 
 import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from adamax_optax import (  # noqa: E402
+from adamax_optax import (
     _grouping,
     adamax,
     finalize_variable_values,
@@ -60,6 +57,7 @@ def main(process_id: int, port: int, out: str) -> None:
     # Set here, not at import: the test imports this module into its own
     # process, where a module-level setting would reach every later test.
     _grouping.MIN_SHARED = STACK_FROM
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
         num_processes=2,

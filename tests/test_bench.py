@@ -13,6 +13,7 @@ import json
 import bench as _bench
 import jax
 import matplotlib.image
+import numpy as np
 import pytest
 from bench import main
 
@@ -149,3 +150,30 @@ def test_training_steps_are_timed_in_whole_accumulation_groups():
 
     with pytest.raises(ValueError, match="`steps` must be a multiple of 4"):
         train_steps.run_model("mlp", steps=3)
+
+
+def test_quality_control_perturbs_by_a_millionth_and_measures_the_spread():
+    import quality
+
+    params = {"w": jax.numpy.full((1000,), 2.0), "b": jax.numpy.zeros(3)}
+    assert quality.perturbed(params, 0, 0) is params
+    moved = quality.perturbed(params, 0, 1)
+    relative = np.asarray(moved["w"]) / 2.0 - 1
+    assert 0 < np.std(relative) < 2e-6 and np.all(np.asarray(moved["b"]) == 0)
+    again = quality.perturbed(params, 0, 1)["w"]
+    np.testing.assert_array_equal(again, moved["w"])  # reproducible
+    rows = [
+        dict(task="t", seed=0, state=state, start=start, final_loss=loss)
+        for state, losses in {
+            "float32 state": (1.0, 1.1, 0.95),
+            "bfloat16 state": (2.0, 2.0, 2.0),
+            "quantized state": (1.04, 1.0, 1.10),
+        }.items()
+        for start, loss in enumerate(losses)
+    ]
+    spreads = {s["state"]: s for s in quality.spread(rows)}
+    assert spreads["float32 state"]["self_gap"] == pytest.approx(0.1)
+    assert spreads["float32 state"]["median"] == pytest.approx(1.0)
+    assert spreads["quantized state"]["gap_to_float32"] == pytest.approx(0.04)
+    assert spreads["quantized state"]["self_gap"] == pytest.approx(1.10 / 1.04 - 1)
+    assert spreads["bfloat16 state"]["self_gap"] == 0.0

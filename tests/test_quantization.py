@@ -82,10 +82,25 @@ def test_codes_match_the_numpy_reference():
     assert np.mean(j != j_ref) < 1e-3
 
 
-def reference_dither(shape, count: int, salt: int) -> np.ndarray:
-    """The rounding draws as ``dither_bits`` documents them, in NumPy: the
-    element's row-major position and a key of the count and the salt, mixed by
-    two multiply-xorshift rounds (uint32 arithmetic, wrapping)."""
+def test_every_m_code_is_written_exactly():
+    """Each of ``m``'s 255 codes from a ratio a quarter step above it (to
+    nearest: that code), a ratio beyond 1 either way (clipped to 127) and
+    ``-0.0`` (0): the signed byte read back is the code itself."""
+    codes = np.arange(-127, 128)
+    ratios = np.concatenate(
+        [(codes + 0.25) / 127, [1.5], [-0.0, -1.5, -0.25 / 127], np.zeros(253)]
+    )
+    expected = np.concatenate([codes, [127], [0, -127, 0], np.zeros(253)])
+    u = np.ones((2, BLOCK), np.float32)
+    m = ratios.reshape(2, BLOCK).astype(np.float32)
+    _, j = split_codes(encode_nearest(m, u))
+    np.testing.assert_array_equal(j, expected.reshape(2, BLOCK))
+
+
+def reference_dither(shape: tuple[int, ...], count: int, salt: int) -> np.ndarray:
+    """The rounding draws as ``dither_bits``' docstring writes them, in NumPy:
+    the element's row-major position and a key of the count and the salt,
+    mixed by two multiply-xorshift rounds (uint32 arithmetic, wrapping)."""
     with np.errstate(over="ignore"):
         position = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
         key = np.uint32(count) * np.uint32(0x85EBCA77) + np.uint32(
