@@ -16,7 +16,12 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from sharded_run import EXPLICIT_CONFIGS, assert_trees_close, parts_by_leaf
+from sharded_run import (
+    EXPLICIT_CONFIGS,
+    STACK_FROM,
+    assert_trees_close,
+    parts_by_leaf,
+)
 
 from adamax_optax import (
     _grouping,
@@ -28,13 +33,9 @@ from adamax_optax import (
     state_shardings,
 )
 
-# The library stacks a shape shared by `_grouping.MIN_SHARED` leaves or more;
-# from 2 in this script's run, so that "bias" and "gain" stand for a deep
-# model's hundreds. Set when it runs, not at import: pytest imports it to
-# collect doctests, and a module-level setting would reach every later test.
-STACK_FROM = 2
-
-# "bias" and "gain" share a shape: the optimizer keeps their state stacked.
+# "bias" and "gain" share a shape: the optimizer keeps their state stacked
+# (from `STACK_FROM` leaves a shape, set when this script runs, as in
+# sharded_run.py).
 SHAPES = {"kernel": (64, 32), "bias": (32,), "gain": (32,), "odd": (7,)}
 OPTIONS = EXPLICIT_CONFIGS["every option"]
 
