@@ -161,9 +161,8 @@ def mlp_runs(steps: int = 300, starts: int = 1) -> list[dict[str, Any]]:
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per task and state: mean final loss and accuracy, and their gaps to
-    float32 state (loss: relative, accuracy: in points), seed by seed, over
-    the unperturbed starts."""
-    rows = [r for r in rows if r["start"] == 0]
+    float32 state (loss: relative, accuracy: in points), seed by seed; one
+    run of each (the unperturbed starts)."""
     out = []
     for task in sorted({r["task"] for r in rows}):
         reference = {
@@ -231,7 +230,7 @@ def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def print_rows(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> None:
     print(f"{'task':7} {'state':16} {'seed':>4} {'final loss':>11} {'test acc':>9}")
-    for r in (r for r in rows if r["start"] == 0):
+    for r in rows:
         accuracy = (
             "" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:8.2f}%"
         )
@@ -277,7 +276,7 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     colours = dict(zip(STATES, ("black", "tab:blue", "tab:orange"), strict=True))
     for axis, task in zip(np.atleast_1d(axes), tasks, strict=True):
         for r in rows:
-            if r["task"] == task and r["start"] == 0:
+            if r["task"] == task:
                 label = r["state"] if r["seed"] == 0 else None
                 axis.plot(
                     r["curve"], color=colours[r["state"]], lw=1, alpha=0.8, label=label
@@ -306,8 +305,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     starts = 1 + args.perturbed
     rows = digits_runs(starts) + mlp_runs(args.mlp_steps, starts)
-    summaries, spreads = summary(rows), spread(rows)
-    print_rows(rows, summaries)
+    unperturbed = [r for r in rows if r["start"] == 0]
+    summaries, spreads = summary(unperturbed), spread(rows)
+    print_rows(unperturbed, summaries)
     print()
     print_spread(spreads)
     args.json.write_text(
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
     )
     if args.plot is not None:
-        plot(rows, args.plot)
+        plot(unperturbed, args.plot)
     return rows
 
 
