@@ -55,7 +55,7 @@ def cpu_description() -> str:
     """The host CPU's model and its widest x86 vector extension, where Linux
     says: a compute-bound kernel's time follows the vector width (the 8-bit
     state's update step measured 1.02-1.11x float32 state's on one 2-core
-    machine, 1.7-1.9x on a 2-core AVX2 one)."""
+    machine, 1.4-1.9x on a 2-core AVX2 one)."""
     try:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
