@@ -84,7 +84,7 @@ class Layout:
         the first leaf that differs)."""
         with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
         names = [_common.key_path_name(path) for path, _ in with_paths]
-        if len(names) != len(self.names):
+        if names != list(self.names):
             missing = [n for n in self.names if n not in names]
             extra = [n for n in names if n not in self.names]
             raise ValueError(
@@ -92,6 +92,7 @@ class Layout:
                 f"state {len(self.names)}"
                 + (f"; the {what} have no leaf {missing[0]!r}" if missing else "")
                 + (f"; the state has no leaf {extra[0]!r}" if extra else "")
+                + _first_renamed(names, self.names, missing or extra)
                 + "."
             )
         for name, (_, leaf), shape in zip(names, with_paths, self.shapes, strict=True):
@@ -178,6 +179,50 @@ def _whole_on_axis_0(part: jax.Array) -> jax.Array:
     return jax.sharding.reshard(part, jax.sharding.NamedSharding(sharding.mesh, whole))
 
 
+def part_key(index: int, members: Sequence[int]) -> str:
+    """A part's key in the state's key paths: its position and its members
+    (the leaves' indices in the tree's flattening, runs written ``atob``),
+    so that a checkpoint restored without a target, which drops the
+    layout, still says which leaves each part holds:
+    ``part_key(2, (5, 6, 7, 9)) == "part2_m5to7_9"``."""
+    runs: list[str] = []
+    start = previous = members[0]
+    for member in (*members[1:], None):
+        if member is not None and member == previous + 1:
+            previous = member
+            continue
+        runs.append(str(start) if start == previous else f"{start}to{previous}")
+        if member is not None:
+            start = previous = member
+    return f"part{index}_m" + "_".join(runs)
+
+
+def members_of_key(key: str) -> tuple[int, tuple[int, ...]] | None:
+    """The position and members that :func:`part_key` wrote in ``key``, or
+    ``None`` for a key it did not write."""
+    head, _, runs = key.partition("_m")
+    if not head.startswith("part") or not head[4:].isdigit() or not runs:
+        return None
+    members: list[int] = []
+    for run in runs.split("_"):
+        first, _, last = run.partition("to")
+        if not first.isdigit() or (last and not last.isdigit()):
+            return None
+        members.extend(range(int(first), int(last or first) + 1))
+    return int(head[4:]), tuple(members)
+
+
+def _first_renamed(names: Sequence[str], expected: Sequence[str], named: Any) -> str:
+    """Where no leaf is missing on either side: the first position whose
+    names differ (the same names in another order)."""
+    if named:
+        return ""
+    for index, (name, want) in enumerate(zip(names, expected, strict=False)):
+        if name != want:
+            return f"; leaf {index} is {name!r}, {want!r} in the state"
+    return ""
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class Grouped:
     """The grouped view of a tree: one entry per part (a leaf, or a stack of
@@ -191,7 +236,10 @@ class Grouped:
         self.layout = layout
 
     def tree_flatten_with_keys(self) -> tuple[Any, Layout]:
-        keys = [jax.tree_util.SequenceKey(i) for i in range(len(self.parts))]
+        keys = [
+            jax.tree_util.DictKey(part_key(index, members))
+            for index, members in enumerate(self.layout.members)
+        ]
         return list(zip(keys, self.parts, strict=True)), self.layout
 
     @classmethod
@@ -366,14 +414,38 @@ def grouped(
     inner = optax.with_extra_args_support(inner)
     masks = dict(masks or {})
 
-    def layout_for(params: Any) -> Layout:
+    def leaf_labels(params: Any) -> list[tuple[str, ...]]:
+        """Each leaf's label: the names of the masks that hold there."""
         treedef = jax.tree.structure(params)
         flags = {name: treedef.flatten_up_to(m(params)) for name, m in masks.items()}
-        labels = [
+        return [
             tuple(sorted(name for name in masks if flags[name][i]))
             for i in range(treedef.num_leaves)
         ]
-        return layout_of(params, treedef.unflatten(labels))
+
+    def layout_for(params: Any) -> Layout:
+        treedef = jax.tree.structure(params)
+        return layout_of(params, treedef.unflatten(leaf_labels(params)))
+
+    def check_labels(layout: Layout, params: Any) -> None:
+        """Refuses a state whose stacks were labelled by other exclusions
+        than this optimizer's: its members would read the state's labels."""
+        if not masks:
+            return
+        labels = leaf_labels(params)
+        for label, members in zip(layout.labels, layout.members, strict=True):
+            kept = tuple(name for name in label if name in masks)
+            for index in members:
+                if labels[index] != kept:
+                    here = ", ".join(labels[index]) or "no exclusion"
+                    there = ", ".join(kept) or "no exclusion"
+                    raise LeafMismatchError(
+                        f"`adamax`: leaf {layout.names[index]!r} has {here} in "
+                        f"this optimizer and {there} in the optimizer state: the "
+                        "state was made by an optimizer with other exclusions. "
+                        "Make the state for this one: `migrate_state(tx, state, "
+                        "params)`."
+                    )
 
     def init_fn(params: optax.Params) -> optax.OptState:
         if not jax.tree.leaves(params):  # optax's placeholder (`map_params`)
@@ -389,6 +461,7 @@ def grouped(
         leaves, treedef = layout.check(updates, "gradients")
         if params is not None:
             param_leaves = layout.check(params, "parameters")[0]
+            check_labels(layout, params)
             params = Grouped(layout.parts(param_leaves), layout)
         return (
             Grouped(layout.parts(leaves), layout),

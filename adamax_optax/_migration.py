@@ -202,26 +202,75 @@ def _from_restored(m: Any, u: Any) -> tuple[Any, Any]:
     )
 
 
-def _read_restored_groups(found: dict[str, list[dict[str, Any]]], fresh: Any) -> None:
+def _read_restored_groups(
+    found: dict[str, list[dict[str, Any]]], fresh: Any, params: Any
+) -> None:
     """Reads, in place, each old field that orbax restored without a target
-    from a grouped view (a plain list of its parts) through the layout of
-    the fresh state's view in the same place, when its parts are of the same
-    parameters' shapes."""
+    from a grouped view, leaf by leaf: a dict of its parts, keyed by the
+    leaves each holds (:func:`_grouping.part_key`), whatever groups the new
+    optimizer makes. A view saved by an earlier 0.2.0 build, a plain list of
+    parts that does not say which leaves each holds, is refused."""
     like_found: dict[str, list[dict[str, Any]]] = {}
     _collect(fresh, like_found)
     for role, olds in found.items():
-        for old, like in zip(olds, like_found.get(role, ()), strict=False):
+        likes = like_found.get(role, [])
+        for position, old in enumerate(olds):
+            like = likes[position] if position < len(likes) else {}
             for name, value in old.items():
-                view = like.get(name)
-                if not _grouping.is_grouped(view) or not isinstance(
+                members = _restored_members(value)
+                if members is not None:
+                    old[name] = _ungroup_restored(
+                        value, members, fresh, params, f"{role}.{name}"
+                    )
+                elif _grouping.is_grouped(like.get(name)) and isinstance(
                     value, list | tuple
                 ):
-                    continue
-                parts = [_part_from_restored(part) for part in value]
-                if len(parts) == len(view.parts) and all(
-                    _same_shape(a, b) for a, b in zip(parts, view.parts, strict=True)
-                ):
-                    old[name] = _grouping.Grouped(parts, view.layout).ungroup()
+                    raise ValueError(
+                        f"`migrate_state`: the old state's {role}.{name} is a "
+                        "grouped view restored without a target by a build that "
+                        "did not record which leaves each part holds. Restore "
+                        "it against `jax.eval_shape(old_optimizer.init, params)` "
+                        "with the build that saved it, and migrate from there."
+                    )
+
+
+def _restored_members(value: Any) -> dict[str, tuple[int, tuple[int, ...]]] | None:
+    """Each part's position and members, by key, where ``value`` is a grouped
+    view as orbax restores it without a target; else ``None``."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    members = {key: _grouping.members_of_key(str(key)) for key in value}
+    if any(m is None for m in members.values()):
+        return None
+    return members  # type: ignore[return-value]
+
+
+def _ungroup_restored(
+    value: Mapping[str, Any],
+    members: dict[str, tuple[int, tuple[int, ...]]],
+    fresh: Any,
+    params: Any,
+    where: str,
+) -> Any:
+    """The tree of a grouped view restored without a target, each leaf its
+    own array again (as :meth:`_grouping.Grouped.ungroup` reads a live one)."""
+    by_position = sorted(members.items(), key=lambda item: item[1][0])
+    layout = _grouping.layout_in(fresh)
+    if layout is None:
+        with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+        names = tuple(_common.key_path_name(path) for path, _ in with_paths)
+        shapes = tuple(tuple(np.shape(leaf)) for _, leaf in with_paths)
+    else:
+        treedef, names, shapes = layout.treedef, layout.names, layout.shapes
+    groups = tuple(indices for _, (_, indices) in by_position)
+    if sorted(i for indices in groups for i in indices) != list(range(len(names))):
+        raise ValueError(
+            f"`migrate_state`: the old state's {where} holds the leaves of "
+            f"another tree than the parameters ({len(names)} leaves)."
+        )
+    old_layout = _grouping.Layout(treedef, groups, ((),) * len(groups), names, shapes)
+    parts = [_part_from_restored(value[key]) for key, _ in by_position]
+    return _grouping.Grouped(parts, old_layout).ungroup()
 
 
 def _part_from_restored(value: Any) -> Any:
@@ -231,18 +280,6 @@ def _part_from_restored(value: Any) -> Any:
     if _is_restored_8bit(value):
         return q8.Moments8Bit(value["codes"], value["scale"])
     return optax.MaskedNode() if value is None else value
-
-
-def _member_shape(part: Any) -> tuple[int, ...]:
-    return part.shape if q8.is_8bit(part) else np.shape(part)
-
-
-def _same_shape(a: Any, b: Any) -> bool:
-    """Whether two parts stand for parameters of one shape (a ``MaskedNode``
-    stands for any)."""
-    if isinstance(a, optax.MaskedNode) or isinstance(b, optax.MaskedNode):
-        return True
-    return _member_shape(a) == _member_shape(b)
 
 
 def _default(role: str, field: str, old: dict[str, Any], fresh: Any) -> Any:
@@ -385,7 +422,7 @@ def migrate_state(
     found: dict[str, list[dict[str, Any]]] = {}
     _collect(_grouping.ungroup(old_state), found)
     fresh = new_optimizer.init(params)
-    _read_restored_groups(found, fresh)
+    _read_restored_groups(found, fresh, params)
     rebuilt = _grouping.regroup(_rebuild(_grouping.ungroup(fresh), found), fresh)
     new_state = _with_current_rate(new_optimizer, rebuilt)
     dropped = sorted(role for role, olds in found.items() if olds)

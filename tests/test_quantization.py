@@ -365,7 +365,8 @@ def test_checkpoint_restores_and_resumes_bit_identically(tmp_path):
 def test_a_state_restored_without_a_target_migrates(tmp_path, quantized, monkeypatch):
     """orbax restores a state without a target as plain containers: 8-bit
     moments as ``{"codes", "scale"}`` dicts, ``u``'s ``MaskedNode`` as
-    ``None``, a grouped view as the list of its parts. ``migrate_state``
+    ``None``, a grouped view as a dict of its parts keyed by the leaves each
+    holds. ``migrate_state``
     reads them back: to the same optimizer exactly the state saved, to the
     other form as the live state migrates."""
     monkeypatch.setattr(_grouping, "MIN_SHARED", 2)  # "stack" stands for many
@@ -384,7 +385,8 @@ def test_a_state_restored_without_a_target_migrates(tmp_path, quantized, monkeyp
     checkpointer.save(tmp_path / "ckpt", state)
     checkpointer.wait_until_finished()
     restored = checkpointer.restore(tmp_path / "ckpt")  # plain containers
-    assert isinstance(restored["adamax"]["m"], list)
+    # "b", the stack (leaves 1 to 3), "w", in the order of their flattening
+    assert sorted(restored["adamax"]["m"]) == ["part0_m0", "part1_m1to3", "part2_m4"]
     same = migrate_state(tx, restored, params)
     for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)
