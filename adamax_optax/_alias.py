@@ -260,7 +260,12 @@ def adamax(
     update_chain.append(("learning_rate", scale_by_keras_learning_rate(learning_rate)))
     if stochastic_rounding:  # before the EMA: it averages the rounded weights
         update_chain.append(
-            ("stochastic_rounding", stochastic_rounding_block(rounding_seed or 0))
+            (
+                "stochastic_rounding",
+                stochastic_rounding_block(
+                    0 if rounding_seed is None else rounding_seed
+                ),
+            )
         )
     if use_ema:
         ema = parameter_ema(
@@ -412,6 +417,19 @@ _ACTS_ONLY_WITH = (
 )
 
 
+def _is_set(value: Any, default: Any) -> bool:
+    """Whether an option was set away from its default: not ``None``, an empty
+    mask or an array, and unequal to the default (a NumPy scalar, as Keras
+    configs hold them, by its value in its own precision)."""
+    if isinstance(value, jax.Array | np.ndarray) or value is None:
+        return False
+    if isinstance(value, list | tuple | dict) and not value:
+        return False
+    if isinstance(value, np.generic):
+        return default is None or bool(value != np.asarray(default, value.dtype))
+    return value != default
+
+
 def _warn_options_without_effect(arguments: Mapping[str, Any]) -> None:
     """Warns for each option set away from its default without the one it needs.
 
@@ -419,18 +437,16 @@ def _warn_options_without_effect(arguments: Mapping[str, Any]) -> None:
     argument as one, defaults included. Keras' default ``ema_momentum=0.99``, in
     every Keras config, does not warn.
     """
-    defaults = _ADAMAX_DEFAULTS
     for option, needed in _ACTS_ONLY_WITH:
         value = arguments[option]
-        given = not isinstance(value, jax.Array | np.ndarray) and value not in (
-            defaults[option],
+        if _is_set(value, _ADAMAX_DEFAULTS[option]) and arguments[needed] in (
             None,
-            [],
-            (),
-        )
-        if given and arguments[needed] in (None, False):
+            False,
+        ):
             requirement = (
-                f"`{needed}=True`" if defaults[needed] is False else f"`{needed}`"
+                f"`{needed}=True`"
+                if _ADAMAX_DEFAULTS[needed] is False
+                else f"`{needed}`"
             )
             warnings.warn(
                 f"`{option}={value!r}` has no effect without {requirement}.",

@@ -501,7 +501,8 @@ def to_keras_optimizer(
     outer = optimizer
     scaling = arguments["dynamic_loss_scale"]
     if scaling:
-        settings = scaling if isinstance(scaling, Mapping) else {}
+        given = scaling if isinstance(scaling, Mapping) else {}
+        settings = {**DYNAMIC_LOSS_SCALE_DEFAULTS, **given}
         outer = keras.optimizers.LossScaleOptimizer(
             optimizer,
             initial_scale=settings["initial_scale"],

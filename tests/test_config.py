@@ -6,6 +6,7 @@ import json
 
 import jax.numpy as jnp
 import keras
+import numpy as np
 import optax
 import pytest
 from conftest import assert_parity, make_problem, run_ours
@@ -73,6 +74,8 @@ def test_optax_schedule_round_trips_in_process():
     [
         {"learning_rate": 0.05, "beta_1": 0.8, "weight_decay": 0.05, "clipnorm": 0.5},
         {"learning_rate": 0.05, "use_ema": True, "ema_overwrite_frequency": 3},
+        # Keras keeps a NumPy scalar in its config as given.
+        {"learning_rate": 0.05, "use_ema": True, "ema_momentum": np.float32(0.9)},
         {
             "learning_rate": 0.05,
             "gradient_accumulation_steps": 2,

@@ -133,6 +133,8 @@ OURS = {
         clipvalue=0.5,
         dynamic_loss_scale={"initial_scale": 2.0**4, "growth_steps": 3},
     ),
+    "LossScaleOptimizer, default settings": dict(dynamic_loss_scale=True),
+    "LossScaleOptimizer, some settings": dict(dynamic_loss_scale={"growth_steps": 3}),
 }
 
 

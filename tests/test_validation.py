@@ -234,6 +234,33 @@ def test_ema_momentum_without_use_ema_warns_but_keras_defaults_do_not():
         adamax(ema_momentum=jnp.asarray(0.9))  # inject_hyperparams passes arrays
 
 
+def test_numpy_scalar_options_are_compared_by_value():
+    """NumPy scalars, as Keras configs hold them, build; one set without the
+    option it needs warns, and one equal to the default does not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adamax(
+            use_ema=True,
+            ema_momentum=np.float32(0.9),
+            ema_overwrite_frequency=np.int64(3),
+        )
+        adamax(skip_nonfinite=True, skip_norm_above=np.float32(10.0))
+        adamax(quantized_state=True, quantized_block_size=np.int64(128))
+        adamax(ema_momentum=np.float32(0.99))  # Keras' default
+    with pytest.warns(UserWarning, match=r"`ema_momentum=(np\.float32\()?0\.9\)?` has"):
+        adamax(ema_momentum=np.float32(0.9))
+
+
+def test_a_traced_rounding_seed_must_be_static():
+    injected = optax.inject_hyperparams(adamax, hyperparam_dtype=jnp.float32)(
+        0.1, stochastic_rounding=True, rounding_seed=3
+    )
+    params = jnp.ones(2, jnp.bfloat16)
+    state = injected.init(params)
+    with pytest.raises(TypeError, match=r"static_args=\('rounding_seed',\)"):
+        jax.jit(injected.update)(params, state, params)
+
+
 @pytest.mark.parametrize("options", [dict(use_ema=True), dict(weight_decay=0.1)])
 def test_params_unlike_the_state_name_the_leaf(options):
     tx = adamax(**options)
