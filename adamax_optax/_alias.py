@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -448,11 +447,7 @@ def _warn_options_without_effect(arguments: Mapping[str, Any]) -> None:
                 if _ADAMAX_DEFAULTS[needed] is False
                 else f"`{needed}`"
             )
-            warnings.warn(
-                f"`{option}={value!r}` has no effect without {requirement}.",
-                UserWarning,
-                stacklevel=3,
-            )
+            _common.warn(f"`{option}={value!r}` has no effect without {requirement}.")
 
 
 def _dynamic_loss_scale_settings(

@@ -212,6 +212,17 @@ def members_of_key(key: str) -> tuple[int, tuple[int, ...]] | None:
     return int(head[4:]), tuple(members)
 
 
+def _mask_flags(treedef: Any, mask: Any, name: str) -> list[Any]:
+    """``mask``'s entries, one per parameter leaf; a tree of another
+    structure than the parameters' is refused, naming the argument."""
+    try:
+        return treedef.flatten_up_to(mask)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"`{name}`: the tree of bools must have the parameters' structure ({error})"
+        ) from None
+
+
 def _first_renamed(names: Sequence[str], expected: Sequence[str], named: Any) -> str:
     """Where no leaf is missing on either side: the first position whose
     names differ (the same names in another order)."""
@@ -417,7 +428,9 @@ def grouped(
     def leaf_labels(params: Any) -> list[tuple[str, ...]]:
         """Each leaf's label: the names of the masks that hold there."""
         treedef = jax.tree.structure(params)
-        flags = {name: treedef.flatten_up_to(m(params)) for name, m in masks.items()}
+        flags = {
+            name: _mask_flags(treedef, m(params), name) for name, m in masks.items()
+        }
         return [
             tuple(sorted(name for name in masks if flags[name][i]))
             for i in range(treedef.num_leaves)

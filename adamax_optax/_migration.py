@@ -130,11 +130,9 @@ def _carry(old: Any, fresh: Any, where: str) -> Any:
                 f"state and {len(fresh_names)} in the new one: were both made for "
                 "the same parameters?"
             )
-        warnings.warn(
+        _common.warn(
             f"`migrate_state`: {where}'s leaves are named otherwise in the old "
-            "state than in the new one; they are matched by position.",
-            UserWarning,
-            stacklevel=4,
+            "state than in the new one; they are matched by position."
         )
         by_name = dict(zip(fresh_names, (leaf for _, leaf in old_named), strict=True))
     carried = []
@@ -427,11 +425,9 @@ def migrate_state(
     new_state = _with_current_rate(new_optimizer, rebuilt)
     dropped = sorted(role for role, olds in found.items() if olds)
     if dropped:
-        warnings.warn(
+        _common.warn(
             "`migrate_state`: the new optimizer has no place for these parts of "
-            f"the old state, which are dropped: {', '.join(dropped)}.",
-            UserWarning,
-            stacklevel=2,
+            f"the old state, which are dropped: {', '.join(dropped)}."
         )
     return new_state
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -83,11 +82,9 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformationExtraArgs:
     def init_fn(params: optax.Params) -> StochasticRoundingState:
         dtypes = {np.dtype(jnp.result_type(x)) for x in jax.tree.leaves(params)}
         if jax.tree.leaves(params) and not dtypes & set(LOW_PRECISION):
-            warnings.warn(
+            _common.warn(
                 "`stochastic_rounding=True` has no effect: no parameter is "
-                f"bfloat16 or float16 (they are {sorted(d.name for d in dtypes)}).",
-                UserWarning,
-                stacklevel=4,
+                f"bfloat16 or float16 (they are {sorted(d.name for d in dtypes)})."
             )
         return StochasticRoundingState(jax.random.key_data(jax.random.key(seed)))
 

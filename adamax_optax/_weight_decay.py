@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -100,12 +99,10 @@ def warn_unmatched_patterns(
     for pattern in sorted(patterns):
         if not any(re.search(pattern, path) for path in paths):
             examples = ", ".join(repr(p) for p in paths[:3])
-            warnings.warn(
+            _common.warn(
                 f"`{name}` pattern {pattern!r} matches no "
                 f"parameter, so it excludes nothing (key paths read like "
-                f"{examples}).",
-                UserWarning,
-                stacklevel=3,
+                f"{examples})."
             )
 
 

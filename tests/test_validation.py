@@ -251,6 +251,33 @@ def test_numpy_scalar_options_are_compared_by_value():
         adamax(ema_momentum=np.float32(0.9))
 
 
+def test_warnings_point_at_the_users_line():
+    """However many wrappers an option goes through, its warning names the
+    line that built or initialised the optimizer."""
+    params = {"w": jnp.ones(3)}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        adamax(ema_warmup=True)
+        adamax(stochastic_rounding=True).init(params)
+        adamax(weight_decay=0.1, exclude_from_weight_decay=["x"]).init(params)
+        adamax(
+            use_ema=True, exclude_from_ema=["x"], gradient_accumulation_steps=2
+        ).init(params)
+        jax.eval_shape(
+            adamax(stochastic_rounding=True, skip_nonfinite=True).init, params
+        )
+    users = [w for w in record if issubclass(w.category, UserWarning)]
+    assert len(users) == 5
+    assert {w.filename for w in users} == {__file__}
+
+
+@pytest.mark.parametrize("option", ["exclude_from_weight_decay", "exclude_from_ema"])
+def test_a_mask_of_another_structure_names_the_argument(option):
+    tx = adamax(weight_decay=0.1, use_ema=True, **{option: {"w": True}})
+    with pytest.raises(ValueError, match=f"`{option}`: the tree of bools must have"):
+        tx.init({"w": jnp.ones(3), "b": jnp.ones(3)})
+
+
 def test_a_traced_rounding_seed_must_be_static():
     injected = optax.inject_hyperparams(adamax, hyperparam_dtype=jnp.float32)(
         0.1, stochastic_rounding=True, rounding_seed=3
