@@ -190,7 +190,7 @@ def adamax(
         below half a unit in its last place still move it on average (see
         :func:`stochastic_rounding`). Float32 parameters are unaffected.
       rounding_seed: with ``stochastic_rounding``, the seed of its key (kept
-        in the state), a non-negative integer, or ``None`` for 0.
+        in the state), an integer in ``[0, 2**32)``, or ``None`` for 0.
       gating: an expert setting, for measuring: how a call that leaves the
         state alone (an accumulation micro-step, a skipped step) is compiled:
         ``"loop"``, ``"cond"``, ``"where"`` (computes the inner update and

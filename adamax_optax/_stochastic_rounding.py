@@ -38,6 +38,10 @@ def round_stochastically(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     return jnp.where(draw < chance, other, near)
 
 
+SEEDS = 2**32
+"""``rounding_seed`` takes the seeds ``0 <= seed < SEEDS``."""
+
+
 def stochastic_rounding(seed: int = 0) -> optax.GradientTransformationExtraArgs:
     r"""Rounds each new bfloat16 or float16 parameter stochastically.
 
@@ -58,7 +62,7 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformationExtraArgs:
     :func:`parameter_ema`, which then averages the parameters as rounded.
 
     Args:
-      seed: an integer, the seed of the key.
+      seed: an integer in ``[0, 2**32)``, the seed of the key.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -78,6 +82,12 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformationExtraArgs:
     _validation.check_integer_at_least(
         "rounding_seed", seed, 0, "`rounding_seed` must be a non-negative integer."
     )
+    if int(seed) >= SEEDS:
+        # jax keeps a seed's low 32 bits without 64-bit mode: two seeds that
+        # differ above them would give one key.
+        raise ValueError(
+            f"`rounding_seed` must be below 2**32. Received: rounding_seed={seed}"
+        )
 
     def init_fn(params: optax.Params) -> StochasticRoundingState:
         dtypes = {np.dtype(jnp.result_type(x)) for x in jax.tree.leaves(params)}

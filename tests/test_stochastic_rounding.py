@@ -136,6 +136,12 @@ def test_seed_without_the_option_warns_and_a_bad_seed_is_refused():
         adamax(rounding_seed=5)
     with pytest.raises(ValueError, match="rounding_seed"):
         adamax(stochastic_rounding=True, rounding_seed=-1)
+    # Without 64-bit mode jax keeps a seed's low 32 bits: 2**32 + 5 would be 5.
+    adamax(stochastic_rounding=True, rounding_seed=2**32 - 1)
+    with pytest.raises(
+        ValueError, match=r"below 2\*\*32. Received: rounding_seed=4294967301"
+    ):
+        adamax(stochastic_rounding=True, rounding_seed=2**32 + 5)
     with pytest.raises(TypeError, match="stochastic_rounding"):
         adamax(stochastic_rounding="yes")
 
