@@ -45,8 +45,16 @@ def check_in_unit_interval(name: str, value: Any) -> None:
     """Requires ``0 <= value < 1`` (the moment decay rates)."""
     number = _check_number(name, value)
     if number is not None and not 0.0 <= number < 1.0:
+        dtype = np.dtype(getattr(value, "dtype", np.float64))
+        rounded = (
+            f" ({dtype.name} rounds it there: with `optax.inject_hyperparams`, "
+            "which gives hyperparameters the parameters' dtype, pass "
+            "`hyperparam_dtype=jnp.float32`)"
+            if number == 1.0 and dtype.itemsize < 4
+            else ""
+        )
         raise ValueError(
-            f"`{name}` must be in the range [0, 1). Received: {name}={value}"
+            f"`{name}` must be in the range [0, 1). Received: {name}={value}" + rounded
         )
 
 

@@ -278,6 +278,22 @@ def test_a_mask_of_another_structure_names_the_argument(option):
         tx.init({"w": jnp.ones(3), "b": jnp.ones(3)})
 
 
+def test_a_beta_rounded_to_one_by_low_precision_says_so():
+    """``optax.inject_hyperparams`` gives the hyperparameters the parameters'
+    dtype: in bfloat16, 0.999 is 1.0."""
+    tx = optax.inject_hyperparams(adamax)(0.1)
+    with pytest.raises(
+        ValueError,
+        match=r"beta_2=1.0 \(bfloat16 rounds it there.*"
+        r"hyperparam_dtype=jnp.float32",
+    ):
+        tx.init(jnp.ones(3, jnp.bfloat16))
+    tx = optax.inject_hyperparams(adamax, hyperparam_dtype=jnp.float32)(0.1)
+    tx.init(jnp.ones(3, jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"Received: beta_2=1.0$"):
+        adamax(beta_2=1.0)  # no hint where nothing rounded it
+
+
 def test_a_traced_rounding_seed_must_be_static():
     injected = optax.inject_hyperparams(adamax, hyperparam_dtype=jnp.float32)(
         0.1, stochastic_rounding=True, rounding_seed=3
