@@ -424,7 +424,7 @@ def _is_set(value: Any, default: Any) -> bool:
         return False
     if isinstance(value, list | tuple | dict) and not value:
         return False
-    if isinstance(value, np.generic):
+    if isinstance(value, np.number | np.bool_):
         return default is None or bool(value != np.asarray(default, value.dtype))
     return value != default
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -12,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.typing import ArrayLike, DTypeLike
 
 COMPUTE_DTYPE = jnp.float32
@@ -20,19 +18,20 @@ COMPUTE_DTYPE = jnp.float32
 compute in float32, float64 leaves (under ``jax_enable_x64``) in float64."""
 
 
-_INTERNAL = tuple(
-    os.path.dirname(path) + os.sep for path in (__file__, jax.__file__, optax.__file__)
-)
-"""Where a warning is not the user's doing: this package, and the jax and optax
-code (tracing, ``optax.chain``) between it and the user's call."""
+_INTERNAL = frozenset({"adamax_optax", "jax", "jaxlib", "optax"})
+"""The packages whose frames lie between a warning and the user's call (this
+one, jax's tracing, ``optax.chain``)."""
 
 
 def warn(message: str) -> None:
     """A ``UserWarning`` at the user's line: the first frame outside this
-    package, jax and optax, however many wrappers the call went through."""
+    package, jax and optax, however many of their wrappers the call went
+    through."""
     frame = sys._getframe(1)
     level = 2  # the caller of this function
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+    while frame is not None and (
+        frame.f_globals.get("__name__", "").partition(".")[0] in _INTERNAL
+    ):
         frame = frame.f_back
         level += 1
     warnings.warn(message, UserWarning, stacklevel=level)

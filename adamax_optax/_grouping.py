@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -80,21 +81,12 @@ class Layout:
 
     def check(self, tree: Any, what: str) -> tuple[list[Any], Any]:
         """``tree``'s leaves and structure, once its leaves are known to be
-        those this layout was made for (by number and shape; the error names
-        the first leaf that differs)."""
+        those this layout was made for (by name, in order, and shape; the
+        error names the first leaf that differs)."""
         with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
         names = [_common.key_path_name(path) for path, _ in with_paths]
         if names != list(self.names):
-            missing = [n for n in self.names if n not in names]
-            extra = [n for n in names if n not in self.names]
-            raise ValueError(
-                f"`adamax`: the {what} have {len(names)} leaves, the optimizer "
-                f"state {len(self.names)}"
-                + (f"; the {what} have no leaf {missing[0]!r}" if missing else "")
-                + (f"; the state has no leaf {extra[0]!r}" if extra else "")
-                + _first_renamed(names, self.names, missing or extra)
-                + "."
-            )
+            raise ValueError(_leaves_unlike(names, self.names, what))
         for name, (_, leaf), shape in zip(names, with_paths, self.shapes, strict=True):
             if tuple(jnp.shape(leaf)) != shape:
                 raise LeafMismatchError(
@@ -184,7 +176,8 @@ def part_key(index: int, members: Sequence[int]) -> str:
     (the leaves' indices in the tree's flattening, runs written ``atob``),
     so that a checkpoint restored without a target, which drops the
     layout, still says which leaves each part holds:
-    ``part_key(2, (5, 6, 7, 9)) == "part2_m5to7_9"``."""
+    ``part_key(2, (5, 6, 7, 9)) == "part2_m5to7_9"`` (a part holds one leaf
+    or more)."""
     runs: list[str] = []
     start = previous = members[0]
     for member in (*members[1:], None):
@@ -197,19 +190,22 @@ def part_key(index: int, members: Sequence[int]) -> str:
     return f"part{index}_m" + "_".join(runs)
 
 
+_PART_KEY = re.compile(r"part(\d+)_m(\d+(?:to\d+)?(?:_\d+(?:to\d+)?)*)", re.ASCII)
+
+
 def members_of_key(key: str) -> tuple[int, tuple[int, ...]] | None:
     """The position and members that :func:`part_key` wrote in ``key``, or
     ``None`` for a key it did not write."""
-    head, _, runs = key.partition("_m")
-    if not head.startswith("part") or not head[4:].isdigit() or not runs:
+    match = _PART_KEY.fullmatch(key)
+    if match is None:
         return None
     members: list[int] = []
-    for run in runs.split("_"):
+    for run in match.group(2).split("_"):
         first, _, last = run.partition("to")
-        if not first.isdigit() or (last and not last.isdigit()):
+        if last and int(last) <= int(first):
             return None
         members.extend(range(int(first), int(last or first) + 1))
-    return int(head[4:]), tuple(members)
+    return int(match.group(1)), tuple(members)
 
 
 def _mask_flags(treedef: Any, mask: Any, name: str) -> list[Any]:
@@ -223,15 +219,37 @@ def _mask_flags(treedef: Any, mask: Any, name: str) -> list[Any]:
         ) from None
 
 
-def _first_renamed(names: Sequence[str], expected: Sequence[str], named: Any) -> str:
-    """Where no leaf is missing on either side: the first position whose
-    names differ (the same names in another order)."""
-    if named:
-        return ""
-    for index, (name, want) in enumerate(zip(names, expected, strict=False)):
-        if name != want:
-            return f"; leaf {index} is {name!r}, {want!r} in the state"
-    return ""
+def _leaves_unlike(names: Sequence[str], expected: Sequence[str], what: str) -> str:
+    """Why the leaves ``names`` of the ``what`` are not the state's
+    ``expected``: which leaf either side lacks, or else the first that is in
+    another place."""
+    missing = [n for n in expected if n not in names]
+    extra = [n for n in names if n not in expected]
+    if not missing and not extra:
+        index, name, want = next(
+            (i, n, w)
+            for i, (n, w) in enumerate(zip(names, expected, strict=True))
+            if n != w
+        )
+        return (
+            f"`adamax`: the {what} hold the optimizer state's leaves in another "
+            f"order: leaf {index} is {name!r} in the {what}, {want!r} in the state."
+        )
+    counts = (
+        ""
+        if len(names) == len(expected)
+        else f"the {what} have {len(names)} leaves, the optimizer state "
+        f"{len(expected)}; "
+    )
+    return (
+        f"`adamax`: {counts}the {what} are not the leaves the optimizer state "
+        "was made for: "
+        + "; ".join(
+            ([f"the {what} have no leaf {missing[0]!r}"] if missing else [])
+            + ([f"the state has no leaf {extra[0]!r}"] if extra else [])
+        )
+        + "."
+    )
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -252,6 +270,10 @@ class Grouped:
             for index, members in enumerate(self.layout.members)
         ]
         return list(zip(keys, self.parts, strict=True)), self.layout
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], Layout]:
+        # Flattening without keys (every jitted call's arguments) builds none.
+        return self.parts, self.layout
 
     @classmethod
     def tree_unflatten(cls, layout: Layout, parts: Sequence[Any]) -> Grouped:

@@ -200,13 +200,11 @@ def _from_restored(m: Any, u: Any) -> tuple[Any, Any]:
     )
 
 
-def _read_restored_groups(
-    found: dict[str, list[dict[str, Any]]], fresh: Any, params: Any
-) -> None:
+def _read_restored_groups(found: dict[str, list[dict[str, Any]]], fresh: Any) -> None:
     """Reads, in place, each old field that orbax restored without a target
     from a grouped view, leaf by leaf: a dict of its parts, keyed by the
     leaves each holds (:func:`_grouping.part_key`), whatever groups the new
-    optimizer makes. A view saved by an earlier 0.2.0 build, a plain list of
+    optimizer makes there. A view of an earlier 0.2.0 build, a plain list of
     parts that does not say which leaves each holds, is refused."""
     like_found: dict[str, list[dict[str, Any]]] = {}
     _collect(fresh, like_found)
@@ -215,21 +213,35 @@ def _read_restored_groups(
         for position, old in enumerate(olds):
             like = likes[position] if position < len(likes) else {}
             for name, value in old.items():
+                if name not in like:
+                    continue
+                view = like[name]
+                if _is_per_leaf(value, _grouping.ungroup(view)):
+                    continue
                 members = _restored_members(value)
                 if members is not None:
                     old[name] = _ungroup_restored(
-                        value, members, fresh, params, f"{role}.{name}"
+                        value, members, view, f"{role}.{name}"
                     )
-                elif _grouping.is_grouped(like.get(name)) and isinstance(
-                    value, list | tuple
-                ):
+                elif _grouping.is_grouped(view) and isinstance(value, list | tuple):
                     raise ValueError(
                         f"`migrate_state`: the old state's {role}.{name} is a "
-                        "grouped view restored without a target by a build that "
-                        "did not record which leaves each part holds. Restore "
-                        "it against `jax.eval_shape(old_optimizer.init, params)` "
-                        "with the build that saved it, and migrate from there."
+                        "grouped view of a checkpoint saved by an unreleased "
+                        "0.2.0 build, which does not record which leaves each "
+                        "part holds; such a checkpoint cannot be migrated."
                     )
+
+
+def _is_per_leaf(value: Any, template: Any) -> bool:
+    """Whether ``value`` is in the per-leaf form of ``template`` (a field of
+    the fresh state, ungrouped): the same keys, or as many entries."""
+    if isinstance(value, Mapping):
+        return isinstance(template, Mapping) and {str(k) for k in value} == {
+            str(k) for k in template
+        }
+    if isinstance(value, list | tuple):
+        return isinstance(template, list | tuple) and len(value) == len(template)
+    return True
 
 
 def _restored_members(value: Any) -> dict[str, tuple[int, tuple[int, ...]]] | None:
@@ -237,35 +249,51 @@ def _restored_members(value: Any) -> dict[str, tuple[int, tuple[int, ...]]] | No
     view as orbax restores it without a target; else ``None``."""
     if not isinstance(value, Mapping) or not value:
         return None
-    members = {key: _grouping.members_of_key(str(key)) for key in value}
-    if any(m is None for m in members.values()):
-        return None
-    return members  # type: ignore[return-value]
+    members: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for key in value:
+        parsed = _grouping.members_of_key(str(key))
+        if parsed is None:
+            return None
+        members[str(key)] = parsed
+    return members
+
+
+def _state_leaf(x: Any) -> bool:
+    return q8.is_8bit(x) or isinstance(x, optax.MaskedNode)
 
 
 def _ungroup_restored(
     value: Mapping[str, Any],
     members: dict[str, tuple[int, tuple[int, ...]]],
-    fresh: Any,
-    params: Any,
+    view: Any,
     where: str,
 ) -> Any:
     """The tree of a grouped view restored without a target, each leaf its
-    own array again (as :meth:`_grouping.Grouped.ungroup` reads a live one)."""
+    own array again (as :meth:`_grouping.Grouped.ungroup` reads a live one),
+    in the structure of ``view``, the fresh state's field in its place."""
     by_position = sorted(members.items(), key=lambda item: item[1][0])
-    layout = _grouping.layout_in(fresh)
-    if layout is None:
-        with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-        names = tuple(_common.key_path_name(path) for path, _ in with_paths)
-        shapes = tuple(tuple(np.shape(leaf)) for _, leaf in with_paths)
-    else:
-        treedef, names, shapes = layout.treedef, layout.names, layout.shapes
     groups = tuple(indices for _, (_, indices) in by_position)
+    count = sum(len(indices) for indices in groups)
+    if _grouping.is_grouped(view):
+        treedef, names = view.layout.treedef, view.layout.names
+    else:
+        # An excluded leaf (a ``MaskedNode``) counts where the view was made
+        # for all the parameters (an EMA's), not where for a subset of them
+        # (``optax.masked``'s): as many leaves as the parts hold.
+        for is_leaf in (_state_leaf, q8.is_8bit):
+            flat, treedef = jax.tree_util.tree_flatten_with_path(view, is_leaf=is_leaf)
+            if len(flat) == count:
+                break
+        names = tuple(_common.key_path_name(path) for path, _ in flat)
     if sorted(i for indices in groups for i in indices) != list(range(len(names))):
         raise ValueError(
-            f"`migrate_state`: the old state's {where} holds the leaves of "
-            f"another tree than the parameters ({len(names)} leaves)."
+            f"`migrate_state`: the old state's {where} holds {count} leaves in "
+            f"its parts, the new state {len(names)} there: were both made for "
+            "the same parameters? If so, restore the checkpoint against "
+            "`jax.eval_shape(old_optimizer.init, params)`, which keeps the "
+            "old state's layout, and migrate that."
         )
+    shapes = ((),) * len(names)  # only checked against new gradients, never here
     old_layout = _grouping.Layout(treedef, groups, ((),) * len(groups), names, shapes)
     parts = [_part_from_restored(value[key]) for key, _ in by_position]
     return _grouping.Grouped(parts, old_layout).ungroup()
@@ -420,7 +448,7 @@ def migrate_state(
     found: dict[str, list[dict[str, Any]]] = {}
     _collect(_grouping.ungroup(old_state), found)
     fresh = new_optimizer.init(params)
-    _read_restored_groups(found, fresh, params)
+    _read_restored_groups(found, fresh)
     rebuilt = _grouping.regroup(_rebuild(_grouping.ungroup(fresh), found), fresh)
     new_state = _with_current_rate(new_optimizer, rebuilt)
     dropped = sorted(role for role, olds in found.items() if olds)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -28,7 +29,7 @@ def concrete_scalar(value: Any) -> float | None:
 
 def _check_number(name: str, value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(
-        value, numbers.Real | np.ndarray | np.generic | jax.Array
+        value, numbers.Real | np.ndarray | np.number | jax.Array
     ):
         raise TypeError(f"`{name}` must be a number. Received: {name}={value!r}")
     if np.ndim(value) != 0:
@@ -50,7 +51,9 @@ def check_in_unit_interval(name: str, value: Any) -> None:
             f" ({dtype.name} rounds it there: with `optax.inject_hyperparams`, "
             "which gives hyperparameters the parameters' dtype, pass "
             "`hyperparam_dtype=jnp.float32`)"
-            if number == 1.0 and dtype.itemsize < 4
+            if number == 1.0
+            and jnp.issubdtype(dtype, jnp.floating)
+            and dtype.itemsize < 4
             else ""
         )
         raise ValueError(

@@ -9,11 +9,13 @@ that to 2, so that 20 layers stand for a deep model's hundreds.
 
 from __future__ import annotations
 
+import collections
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from conftest import assert_parity, make_problem, run_ours
@@ -218,8 +220,77 @@ def test_a_state_restored_without_a_target_migrates_to_other_groups(tmp_path):
         restored,
         is_leaf=lambda x: isinstance(x, dict) and "part0_m0" in x,
     )
-    with pytest.raises(ValueError, match="did not record which leaves"):
+    with pytest.raises(ValueError, match="does not record which leaves"):
         migrate_state(adamax(0.05, weight_decay=0.1), listed, params)
+
+
+def test_part_keys_say_which_leaves_each_part_holds():
+    for members in [(0,), (5, 6, 7, 9), (1, 3, 5), tuple(range(16)), (2, 3, 7, 8)]:
+        key = _grouping.part_key(4, members)
+        assert re.fullmatch(r"part4_m[0-9to_]+", key)
+        assert _grouping.members_of_key(key) == (4, members)
+    assert _grouping.part_key(2, (5, 6, 7, 9)) == "part2_m5to7_9"
+    for other in [
+        "w",
+        "part1",
+        "part1_m",
+        "part1_m1to",
+        "part1_m5to3",
+        "part\u00b2_m1",
+    ]:
+        assert _grouping.members_of_key(other) is None
+
+
+def test_states_of_leaves_named_like_parts_or_in_a_list_migrate_exactly(tmp_path):
+    """Per-leaf fields are never read as restored views: parameters in a
+    list, and parameters whose names parse as part keys."""
+    lookalike = {"part1_m0": jnp.ones(3), "part0_m1": jnp.ones(3)}
+    tx = adamax(0.1)
+    state = tx.init(lookalike)
+    grads = {"part0_m1": jnp.full(3, 1.0), "part1_m0": jnp.full(3, 2.0)}
+    _, state = tx.update(grads, state, lookalike)
+    for old in (state, jax.tree.map(np.asarray, state)):
+        same = migrate_state(tx, old, lookalike)
+        for key in lookalike:
+            np.testing.assert_array_equal(
+                _grouping.ungroup(same["adamax"].m)[key],
+                _grouping.ungroup(state["adamax"].m)[key],
+            )
+    listed = [jnp.full(3, float(i)) for i in range(6)]
+    even = [i % 2 == 0 for i in range(6)]
+    old_tx = adamax(0.05, weight_decay=0.1, exclude_from_weight_decay=even)
+    _, state = run_ours(old_tx, listed, [[jnp.full(3, 0.5)] * 6] * 2)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "ckpt")
+    new_tx = adamax(0.05, weight_decay=0.1)
+    expected = migrate_state(new_tx, state, listed)
+    for old in (state, restored):
+        got = migrate_state(new_tx, old, listed)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_restored_view_is_read_in_its_own_place(tmp_path):
+    """Two `adamax` under `optax.multi_transform`, each grouped over its own
+    subset: each restored view is read with its own place's layout."""
+    params = {f"l{i}": jnp.full(8, 1.0 + i) for i in range(6)}
+    labels = {k: "a" if int(k[1]) < 3 else "b" for k in params}
+    old_tx = optax.multi_transform({"a": adamax(0.05), "b": adamax(0.01)}, labels)
+    decayed = adamax(0.01, weight_decay=0.1, exclude_from_weight_decay=["l3"])
+    new_tx = optax.multi_transform({"a": adamax(0.05), "b": decayed}, labels)
+    _, state = run_ours(old_tx, params, [{k: jnp.full(8, 0.5) for k in params}] * 2)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "ckpt")
+    expected = migrate_state(new_tx, state, params)
+    got = migrate_state(new_tx, restored, params)
+    leaves = jax.tree.leaves(expected)
+    assert any(np.any(np.asarray(x) != 0) for x in leaves)
+    for a, b in zip(jax.tree.leaves(got), leaves, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_state_made_with_other_exclusions_is_refused():
@@ -248,6 +319,9 @@ def test_gradients_named_otherwise_are_refused():
     renamed = {k.replace("layer_", "block_"): v for k, v in grads[0].items()}
     with pytest.raises(ValueError, match="the gradients have no leaf 'layer_00/bias'"):
         jax.jit(tx.update)(renamed, state)
+    ordered = collections.OrderedDict(sorted(grads[0].items(), reverse=True))
+    with pytest.raises(ValueError, match="leaves in another order: leaf 0 is"):
+        jax.jit(tx.update)(ordered, state)
 
 
 def test_a_gradient_of_another_shape_is_named():

@@ -249,6 +249,9 @@ def test_numpy_scalar_options_are_compared_by_value():
         adamax(ema_momentum=np.float32(0.99))  # Keras' default
     with pytest.warns(UserWarning, match=r"`ema_momentum=(np\.float32\()?0\.9\)?` has"):
         adamax(ema_momentum=np.float32(0.9))
+    for text in (np.str_("0.9"), np.bool_(True)):
+        with pytest.raises(TypeError, match="`ema_momentum` must be a number"):
+            adamax(use_ema=True, ema_momentum=text)
 
 
 def test_warnings_point_at_the_users_line():
