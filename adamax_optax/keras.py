@@ -21,7 +21,7 @@ import optax
 from adamax_optax import _common, _grouping
 from adamax_optax._accumulation import AccumulateGradientsState
 from adamax_optax._adamax import ScaleByKerasAdamaxState
-from adamax_optax._alias import adamax, arguments_of
+from adamax_optax._alias import _dynamic_loss_scale_settings, adamax, arguments_of
 from adamax_optax._config import from_config
 from adamax_optax._dynamic_loss_scale import (
     DYNAMIC_LOSS_SCALE_DEFAULTS,
@@ -499,14 +499,12 @@ def to_keras_optimizer(
         learning_rate=rate if callable(rate) else float(rate), **options
     )
     outer = optimizer
-    scaling = arguments["dynamic_loss_scale"]
+    scaling = _dynamic_loss_scale_settings(arguments["dynamic_loss_scale"])
     if scaling:
-        given = scaling if isinstance(scaling, Mapping) else {}
-        settings = {**DYNAMIC_LOSS_SCALE_DEFAULTS, **given}
         outer = keras.optimizers.LossScaleOptimizer(
             optimizer,
-            initial_scale=settings["initial_scale"],
-            dynamic_growth_steps=settings["growth_steps"],
+            initial_scale=scaling["initial_scale"],
+            dynamic_growth_steps=scaling["growth_steps"],
         )
     variables = list(variables)
     outer.build(variables)
