@@ -216,7 +216,7 @@ def _read_restored_groups(found: dict[str, list[dict[str, Any]]], fresh: Any) ->
                 if name not in like:
                     continue
                 view = like[name]
-                if _is_per_leaf(value, _grouping.ungroup(view)):
+                if _is_per_leaf(value, _per_leaf_structure(view)):
                     continue
                 members = _restored_members(value)
                 if members is not None:
@@ -230,6 +230,15 @@ def _read_restored_groups(found: dict[str, list[dict[str, Any]]], fresh: Any) ->
                         "0.2.0 build, which does not record which leaves each "
                         "part holds; such a checkpoint cannot be migrated."
                     )
+
+
+def _per_leaf_structure(view: Any) -> Any:
+    """A field of the fresh state in its per-leaf structure, its leaves
+    ``None``: a grouped view's tree without unstacking its parts."""
+    if not _grouping.is_grouped(view):
+        return view
+    treedef = view.layout.treedef
+    return treedef.unflatten([None] * treedef.num_leaves)
 
 
 def _is_per_leaf(value: Any, template: Any) -> bool:
