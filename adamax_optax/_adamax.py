@@ -98,7 +98,9 @@ def scale_by_keras_adamax(
     for bfloat16, float16 and float32; float64 for float64); ``m`` and ``u`` are
     stored in ``state_dtype`` (default: each parameter's dtype, as Keras does);
     like Keras, the direction is computed from the stored (rounded) ``m`` and
-    ``u``, and comes back in the dtype of the incoming updates.
+    ``u``. Given ``params``, each update is first cast to its parameter's
+    dtype, as Keras casts a gradient to its variable's in the step, and the
+    direction comes back in it; without, in the dtype of the incoming update.
 
     Complex parameters: ``abs(g)`` is the modulus, so ``u`` is real and is
     stored in the parameter's real dtype (``float32`` for ``complex64``): it
@@ -194,6 +196,9 @@ def scale_by_keras_adamax(
         state: ScaleByKerasAdamaxState,
         params: optax.Params | None = None,
     ) -> ScaleByKerasAdamaxState:
+        # Keras casts each gradient to its variable's dtype in the step itself,
+        # after the loss scale, accumulation and clipping.
+        updates = _common.cast_to_params(updates, params)
         per_parameter = jax.tree.map(
             lambda m: m.codes if q8.is_8bit(m) else m, state.m, is_leaf=q8.is_8bit
         )
@@ -305,7 +310,7 @@ def scale_by_keras_adamax(
     ) -> optax.Updates:
         # Keras reads m and u back after assigning them, i.e. rounded to the
         # state dtype; so does this phase, which reads only the new state.
-        del params
+        updates = _common.cast_to_params(updates, params)
         t = new_state.count  # this update's 1-based number
 
         @_common.per_dtype

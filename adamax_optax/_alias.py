@@ -316,15 +316,18 @@ def _cast_on_entry(
     arguments: Mapping[str, Any],
     accumulates: bool,
 ) -> optax.GradientTransformationExtraArgs:
-    """``optimizer`` with gradients cast to their parameter's dtype first, as
-    Keras casts them to the variable's (the arithmetic then runs in the compute
-    dtype), so that updates leave in it. Without accumulation, the group
-    arguments ``weight`` and ``flush`` are refused: they would do nothing."""
+    """``optimizer`` with gradients cast to their parameter's dtype first (the
+    arithmetic then runs in the compute dtype), so that updates leave in it. A
+    gradient wider than its parameter (float32 for float16) is cast by the
+    Adamax step instead, as Keras casts it: after the loss scale's division,
+    accumulation and clipping, which a cast on entry could overflow. Without
+    accumulation, the group arguments ``weight`` and ``flush`` are refused:
+    they would do nothing."""
 
     def update(updates, state, params=None, **extra_args):
         if not accumulates:
             _refuse_group_arguments(extra_args)
-        updates = _common.cast_to_params(updates, params)
+        updates = _common.cast_to_params(updates, params, keep_wider=True)
         params = _common.as_arrays(params)
         try:
             return optimizer.update(updates, state, params, **extra_args)
@@ -340,7 +343,7 @@ def _cast_on_entry(
             raise
 
     def emit_updates(updates, state, new_state, params=None, **extra_args):
-        updates = _common.cast_to_params(updates, params)
+        updates = _common.cast_to_params(updates, params, keep_wider=True)
         params = _common.as_arrays(params)
         return _runner.emit_updates(
             optimizer, updates, state, new_state, params, **extra_args

@@ -224,15 +224,28 @@ def as_arrays(tree: Any) -> Any:
     return None if tree is None else jax.tree.map(jnp.asarray, tree)
 
 
-def cast_to_params(updates: Any, params: Any | None) -> Any:
+def cast_to_params(updates: Any, params: Any | None, keep_wider: bool = False) -> Any:
     """``updates`` as arrays in each parameter's dtype; in their own dtypes
     without ``params`` (or with a tree unlike the updates', which the rules then
-    report)."""
+    report). ``keep_wider``: a real float update wider than its real float
+    parameter (float32 for float16) keeps its dtype, so that the loss scale's
+    division and the clipping run in it, as Keras runs them; the Adamax step
+    casts it (:func:`adamax_optax.scale_by_keras_adamax`)."""
     if params is None or jax.tree.structure(updates) != jax.tree.structure(params):
         return as_arrays(updates)
-    return jax.tree.map(
-        lambda u, p: jnp.asarray(u, jnp.result_type(p)), updates, params
-    )
+
+    def cast(update: Any, param: Any) -> jax.Array:
+        update, dtype = jnp.asarray(update), jnp.result_type(param)
+        if (
+            keep_wider
+            and jnp.issubdtype(update.dtype, jnp.floating)
+            and jnp.issubdtype(dtype, jnp.floating)
+            and update.dtype.itemsize > np.dtype(dtype).itemsize
+        ):
+            return update
+        return update.astype(dtype)
+
+    return jax.tree.map(cast, updates, params)
 
 
 key_path_name = functools.partial(jax.tree_util.keystr, simple=True, separator="/")

@@ -88,6 +88,46 @@ def test_float16_overflow_is_absorbed_by_dynamic_loss_scaling():
     assert float(jnp.max(params)) < 3.0  # after backing off, it learns
 
 
+def _first_step_float16(params, grads, lr=0.1, eps=1e-7):
+    """NumPy, from the docs: the first Adamax step of float16 parameters from
+    float32 gradients already unscaled and clipped (in float32), cast to
+    float16 at the step, computed in float32, the moments stored in float16."""
+    g = np.asarray(grads, np.float32).astype(np.float16).astype(np.float32)
+    m = (0.1 * g).astype(np.float16).astype(np.float32)
+    u = np.abs(g).astype(np.float16).astype(np.float32)
+    update = (-lr * m / (np.float32(0.1) * (u + np.float32(eps)))).astype(np.float16)
+    return np.asarray(params, np.float16) + update
+
+
+@pytest.mark.parametrize(
+    "options, scale, grads",
+    [
+        (dict(loss_scale_factor=1024.0), 1024.0, [100.0, 1.0]),
+        (dict(dynamic_loss_scale={"initial_scale": 1024.0}), 1024.0, [100.0, 1.0]),
+        (dict(clipnorm=1.0), 1.0, [1e5, 1.0]),
+        (dict(global_clipnorm=1.0), 1.0, [1e5, 1.0]),
+        (dict(skip_nonfinite=True, global_clipnorm=1.0), 1.0, [1e5, 1.0]),
+    ],
+    ids=["loss_scale_factor", "dynamic", "clipnorm", "global_clipnorm", "skip"],
+)
+def test_wide_gradients_are_unscaled_and_clipped_before_the_cast(options, scale, grads):
+    """A float32 gradient above float16's range (65504) for a float16
+    parameter is divided by the loss scale or clipped in float32, and cast at
+    the Adamax step, as Keras casts it: a cast on entry made it infinite."""
+    params = jnp.array([1.0, 2.0], jnp.float16)
+    grads = np.asarray(grads, np.float32)
+    tx = adamax(0.1, **options)
+    scaled = jnp.asarray(grads * np.float32(scale))
+    updates, state = jax.jit(tx.update)(scaled, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert new.dtype == jnp.float16
+    if scale == 1.0:  # clipped to norm 1
+        grads = grads / np.linalg.norm(grads)
+    np.testing.assert_array_equal(np.asarray(new), _first_step_float16(params, grads))
+    if "dynamic_loss_scale" in options:  # a finite step: applied, not skipped
+        assert float(get_loss_scale(state)) == 1024.0
+
+
 @pytest.mark.parametrize(
     "options",
     [
