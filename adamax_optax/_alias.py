@@ -327,6 +327,7 @@ def _cast_on_entry(
     def update(updates, state, params=None, **extra_args):
         if not accumulates:
             _refuse_group_arguments(extra_args)
+        _common.check_float_gradients(updates, "adamax")
         updates = _common.cast_to_params(updates, params, keep_wider=True)
         params = _common.as_arrays(params)
         try:

@@ -365,8 +365,13 @@ STATE = "optimizer state"
 def check_updates_match(updates: Any, reference: Any, transform_name: str) -> None:
     """Gradients must have the state's structure and shapes, and be floats."""
     check_tree_match(updates, reference, "gradients", STATE, transform_name)
-    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
-    for path, g in flat:
+    check_float_gradients(updates, transform_name)
+
+
+def check_float_gradients(updates: Any, transform_name: str) -> None:
+    """Gradients must be floating point (an integer or bool gradient is refused,
+    naming the leaf, before anything casts it)."""
+    for path, g in jax.tree_util.tree_flatten_with_path(updates)[0]:
         if not jnp.issubdtype(jnp.result_type(g), jnp.inexact):
             raise TypeError(
                 f"`{transform_name}`: gradient {key_path_name(path)!r} has dtype "

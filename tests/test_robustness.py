@@ -98,11 +98,16 @@ def test_a_leaf_that_is_not_a_number_is_named_at_init(leaf):
         adamax().init({"w": jnp.ones(2), "activation": leaf})
 
 
-def test_integer_gradients_are_rejected():
-    tx = adamax()
-    state = tx.init(jnp.ones(2))
-    with pytest.raises(TypeError, match="gradients must be floating point"):
-        tx.update(jnp.ones(2, jnp.int32), state)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+@pytest.mark.parametrize("with_params", [False, True], ids=["alone", "with params"])
+def test_integer_gradients_are_rejected(dtype, with_params):
+    # With the parameters too: the cast to their dtype must not hide it.
+    tx = adamax(weight_decay=0.1)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    grads = {"w": jnp.ones(2, dtype)}
+    with pytest.raises(TypeError, match="gradient 'w' has dtype .*floating point"):
+        tx.update(grads, state, params if with_params else None)
 
 
 def test_composes_with_apply_if_finite():
