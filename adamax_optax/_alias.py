@@ -433,6 +433,15 @@ def _is_set(value: Any, default: Any) -> bool:
     return value != default
 
 
+def _is_off(value: Any) -> bool:
+    """Whether an option another needs is off: ``None``, ``False`` or a zero
+    number. An array (``optax.inject_hyperparams`` passes one, traced under
+    ``jit``) counts as on."""
+    if value is None or isinstance(value, jax.Array | np.ndarray):
+        return value is None
+    return not value
+
+
 def _warn_options_without_effect(arguments: Mapping[str, Any]) -> None:
     """Warns for each option set away from its default without the one it needs.
 
@@ -442,10 +451,7 @@ def _warn_options_without_effect(arguments: Mapping[str, Any]) -> None:
     """
     for option, needed in _ACTS_ONLY_WITH:
         value = arguments[option]
-        if _is_set(value, _ADAMAX_DEFAULTS[option]) and arguments[needed] in (
-            None,
-            False,
-        ):
+        if _is_set(value, _ADAMAX_DEFAULTS[option]) and _is_off(arguments[needed]):
             requirement = (
                 f"`{needed}=True`"
                 if _ADAMAX_DEFAULTS[needed] is False

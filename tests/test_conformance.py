@@ -171,6 +171,19 @@ def test_inject_hyperparams_gives_the_same_updates_and_state(kwargs):
     )
 
 
+def test_an_injected_weight_decay_with_exclusions_runs_under_jit():
+    # The check for options without effect reads `weight_decay`, traced here.
+    injected = optax.inject_hyperparams(adamax)(
+        learning_rate=0.1, weight_decay=0.1, exclude_from_weight_decay=["bias"]
+    )
+    params = {"bias": jnp.ones(3), "kernel": jnp.ones(3)}
+    grads = {"bias": jnp.ones(3), "kernel": jnp.ones(3)}
+    updates, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    # The first step moves by lr; the decay by lr * wd * w, the bias excluded.
+    np.testing.assert_allclose(updates["bias"], -0.1, rtol=1e-5)
+    np.testing.assert_allclose(updates["kernel"], -0.1 - 0.1 * 0.1, rtol=1e-5)
+
+
 def test_inject_hyperparams_integer_arguments_must_be_static():
     injected = optax.inject_hyperparams(adamax)(0.1, gradient_accumulation_steps=2)
     params = jnp.ones(2)
