@@ -80,7 +80,11 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformationExtraArgs:
       0.9
     """
     _validation.check_integer_at_least(
-        "rounding_seed", seed, 0, "`rounding_seed` must be a non-negative integer."
+        "rounding_seed",
+        seed,
+        0,
+        "`rounding_seed` must be a non-negative integer.",
+        int32=False,
     )
     if int(seed) >= SEEDS:
         # jax keeps a seed's low 32 bits without 64-bit mode: two seeds that

@@ -85,6 +85,10 @@ def check_ema_momentum(value: Any) -> None:
         )
 
 
+INT32_MAX = 2**31 - 1
+"""The largest count an int32 counter reaches (the state's counters)."""
+
+
 def _integer_value(value: Any) -> int | None:
     """Returns ``value`` as an int, ``None`` for a tracer; raises if not integral."""
     if isinstance(value, bool):
@@ -100,9 +104,12 @@ def _integer_value(value: Any) -> int | None:
     raise TypeError
 
 
-def check_integer_at_least(name: str, value: Any, minimum: int, message: str) -> None:
-    """Requires a concrete integer ``value >= minimum``; ``message`` is Keras'
-    wording.
+def check_integer_at_least(
+    name: str, value: Any, minimum: int, message: str, int32: bool = True
+) -> None:
+    """Requires a concrete integer ``value >= minimum`` (and, with ``int32``, at
+    most ``2**31 - 1``: a count compared with the state's int32 counters);
+    ``message`` is Keras' wording.
 
     An integer argument sets the structure of the computation (how many calls
     make a group, how often to overwrite), so it cannot be traced: the value
@@ -122,6 +129,11 @@ def check_integer_at_least(name: str, value: Any, minimum: int, message: str) ->
         )
     if integer < minimum:
         raise ValueError(f"{message} Received: {name}={value}")
+    if int32 and integer > INT32_MAX:
+        raise ValueError(
+            f"`{name}` must be at most 2**31 - 1: the counters it is compared "
+            f"with are int32. Received: {name}={value}"
+        )
 
 
 def check_only_one_clip(clipnorm: Any, clipvalue: Any, global_clipnorm: Any) -> None:

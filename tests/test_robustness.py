@@ -106,7 +106,7 @@ def test_integer_gradients_are_rejected(dtype, with_params):
     params = {"w": jnp.ones(2)}
     state = tx.init(params)
     grads = {"w": jnp.ones(2, dtype)}
-    with pytest.raises(TypeError, match="gradient 'w' has dtype .*floating point"):
+    with pytest.raises(TypeError, match=r"gradient 'w' has dtype .*floating point"):
         tx.update(grads, state, params if with_params else None)
 
 

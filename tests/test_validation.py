@@ -77,6 +77,21 @@ BAD_ARGUMENTS = [
         "Received: gradient_accumulation_steps=1",
     ),
     (
+        {"gradient_accumulation_steps": 2**31},
+        ValueError,
+        "`gradient_accumulation_steps` must be at most 2**31 - 1",
+    ),
+    (
+        {"use_ema": True, "ema_overwrite_frequency": 2**31},
+        ValueError,
+        "`ema_overwrite_frequency` must be at most 2**31 - 1",
+    ),
+    (
+        {"dynamic_loss_scale": {"growth_steps": 2**31}},
+        ValueError,
+        "`growth_steps` must be at most 2**31 - 1",
+    ),
+    (
         {"gradient_accumulation_steps": 2.0},
         TypeError,
         "gradient_accumulation_steps=2.0",
