@@ -14,7 +14,10 @@ from adamax_optax._alias import adamax, arguments_of
 
 
 def _plain(value: Any) -> Any:
-    """NumPy / JAX scalars as Python numbers, so that configs serialise to JSON."""
+    """NumPy / JAX scalars as Python numbers, so that configs serialise to JSON
+    (a dtype, whose ``shape`` is ``()`` too, is left to ``get_config``)."""
+    if isinstance(value, np.dtype):
+        return value
     if isinstance(value, bool | np.bool_):
         return bool(value)
     if isinstance(value, numbers.Integral | np.integer):

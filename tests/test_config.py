@@ -40,6 +40,18 @@ def test_round_trip_is_json_serialisable_and_stable():
     assert get_config(from_config(restored)) == config
 
 
+@pytest.mark.parametrize(
+    "state_dtype",
+    [jnp.bfloat16, "bfloat16", np.dtype("float32"), jnp.dtype("bfloat16")],
+    ids=["type", "name", "numpy dtype", "jax dtype"],
+)
+def test_state_dtype_is_written_as_its_name(state_dtype):
+    # A dtype instance (`params["w"].dtype`) has `shape == ()` like a scalar.
+    config = get_config(adamax(state_dtype=state_dtype))
+    assert config["state_dtype"] == np.dtype(state_dtype).name
+    assert json.loads(json.dumps(config))["state_dtype"] == config["state_dtype"]
+
+
 def test_round_trip_gives_the_same_numbers():
     params, grads = make_problem(steps=8)
     config = {k: v for k, v in FULL.items() if k != "dynamic_loss_scale"}
