@@ -34,8 +34,10 @@ class ScaleByKerasAdamaxState(NamedTuple):
     u: optax.Updates
 
     def moments(self) -> tuple[optax.Updates, optax.Updates]:
-        """``(m, u)`` as float arrays, 8-bit leaves decoded to float32."""
-        return decoded_moments(self.m, self.u)
+        """``(m, u)`` as float arrays, 8-bit leaves decoded to float32, each a
+        tree of the parameters' structure (a grouped state read per leaf)."""
+        m, u = decoded_moments(self.m, self.u)
+        return _grouping.ungroup(m), _grouping.ungroup(u)
 
 
 def decoded_moments(m: Any, u: Any) -> tuple[Any, Any]:

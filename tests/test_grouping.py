@@ -73,6 +73,18 @@ def test_small_equal_leaves_are_stacked_in_the_state():
     assert len(jax.tree.leaves(state)) == 2 * 5 + 4  # and four scalars, not 2 * 41
 
 
+def test_moments_are_read_per_leaf():
+    params, grads = problem(steps=1)
+    tx = adamax()
+    _, grouped = tx.update(grads[0], tx.init(params), params)
+    m, u = grouped["adamax"].moments()
+    assert jax.tree.structure(m) == jax.tree.structure(params)
+    # The first step: m = (1 - beta_1) g, u = |g|.
+    for name, g in grads[0].items():
+        np.testing.assert_allclose(m[name], 0.1 * g, rtol=1e-6)
+        np.testing.assert_allclose(u[name], np.abs(g), rtol=1e-6)
+
+
 def test_large_or_unique_leaves_keep_the_state_per_leaf():
     params = {"big": jnp.zeros((256, 256)), "other": jnp.zeros((256, 256))}
     state = adamax().init(params)
