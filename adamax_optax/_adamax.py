@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -162,6 +163,8 @@ def scale_by_keras_adamax(
         1,
         "`quantized_block_size` must be a positive integer.",
     )
+    if quantized_state:
+        _check_ratio_bound(beta_1, beta_2)
 
     def block_of(leaf: Any, axes: tuple[int, ...] | None) -> int | None:
         """The block length of a leaf's 8-bit moments, or ``None`` (float)."""
@@ -363,6 +366,31 @@ def _check_params_keep_state_dtypes(params: Any, m: Any) -> None:
                 "for it. Make the state for the parameters as they are (`init`, "
                 "or `migrate_state(tx, state, params)`)."
             )
+
+
+def _check_ratio_bound(beta_1: Any, beta_2: Any) -> None:
+    """8-bit ``m`` is a ratio to ``u`` in ``[-1, 1]``. Adamax bounds it by
+    ``(1 - beta_1) / (1 - beta_1 / beta_2)`` (``|g|`` at ``k`` steps back is at
+    most ``u / beta_2 ** k``): 1.009 for Keras' betas; betas whose bound
+    exceeds 1.01 would have their direction capped, and are refused. Traced
+    betas (``optax.inject_hyperparams``) are not checked."""
+    if not all(isinstance(b, numbers.Real) for b in (beta_1, beta_2)):
+        return
+    beta_1, beta_2 = float(beta_1), float(beta_2)
+    bound = (1 - beta_1) / (1 - beta_1 / beta_2) if beta_1 < beta_2 else float("inf")
+    if bound > RATIO_BOUND:
+        raise ValueError(
+            "`quantized_state=True` holds `m` as a ratio to `u` in [-1, 1], and "
+            f"with beta_1={beta_1} and beta_2={beta_2} Adamax lets |m| reach "
+            f"{bound:.3g} u ((1 - beta_1) / (1 - beta_1 / beta_2)), above the "
+            f"{RATIO_BOUND} the encoding allows: the direction would be capped. "
+            "Use a beta_2 closer to 1 (0.999 gives 1.009 with beta_1=0.9) or a "
+            "float state (`state_dtype=jnp.bfloat16`)."
+        )
+
+
+RATIO_BOUND = 1.01
+"""The largest ``|m| / u`` that betas may allow with 8-bit state."""
 
 
 def _refuse_complex(params: Any) -> None:

@@ -2,7 +2,8 @@
 
 Adamax suits 8-bit state better than Adam does. Its infinity norm
 ``u = maximum(beta_2 * u, |g|)`` is non-negative, and the first moment is
-bounded by it elementwise (``|m| <= u``, up to 1% for ``beta_1 < beta_2``), so
+bounded by it elementwise (``|m| <= u`` to 1% for Keras' betas; betas that
+allow more are refused), so
 the update direction ``m / (u + epsilon)`` is a ratio in ``[-1, 1]``. The
 encoding keeps exactly what that direction needs:
 

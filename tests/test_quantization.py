@@ -179,6 +179,37 @@ def problem(steps=60, dtype=np.float32, seed=0):
     return params, grads
 
 
+def _largest_ratio(beta_1: float, beta_2: float, steps: int = 3000) -> float:
+    """The largest |m| / u of float64 Adamax moments over a gradient that
+    shrinks by beta_2 a step, which keeps every past |g| on u's bound."""
+    m = u = 0.0
+    largest = 0.0
+    for t in range(steps):
+        g = beta_2**t
+        if g < 1e-200:
+            break
+        m = beta_1 * m + (1 - beta_1) * g
+        u = max(beta_2 * u, g)
+        largest = max(largest, m / u)
+    return largest
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.95), (0.9, 0.99), (0.9, 0.9), (0.95, 0.9)])
+def test_betas_that_let_m_outgrow_u_are_refused(betas):
+    # Their ratio is above 1.01 (NumPy, from Adamax's recursions): the
+    # encoding's [-1, 1] would cap the direction.
+    if betas[0] < betas[1]:
+        assert _largest_ratio(*betas) > 1.01
+    with pytest.raises(ValueError, match=r"ratio to `u`.* beta_1=.* beta_2="):
+        adamax(beta_1=betas[0], beta_2=betas[1], quantized_state=True)
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.0, 0.5), (0.5, 0.9999)])
+def test_betas_that_keep_m_within_u_are_accepted(betas):
+    assert _largest_ratio(*betas) <= 1.01
+    adamax(beta_1=betas[0], beta_2=betas[1], quantized_state=True)
+
+
 def test_state_layout_and_bytes():
     params = {"w": jnp.zeros((1024, 1024)), "bias": jnp.zeros(1024)}
     state = adamax(quantized_state=True).init(params)
