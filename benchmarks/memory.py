@@ -38,7 +38,7 @@ MLP_SHAPES = {
     "out/kernel": (256, 10),
     "out/bias": (10,),
 }
-"""A 1M-parameter MLP (1,068,298): two large kernels, a small one, biases."""
+"""A 1M-parameter MLP (1,068,810): two large kernels, a small one, biases."""
 
 STATES = {
     "float32": dict(state_dtype=jnp.float32),
