@@ -54,15 +54,21 @@ def _abs_sq(g: jax.Array) -> jax.Array:
 
 
 def global_norm(
-    updates: optax.Updates, leaf_map: _gate.LeafMap | None = None
+    updates: optax.Updates, leaf_map: _gate.LeafMap | None = None, scale: float = 1.0
 ) -> jax.Array:
     """``sqrt(sum over leaves of sum(|g| ** 2))``, in the widest compute dtype
     (real); inside ``jit`` with sharded leaves the sums are global. With
-    ``leaf_map``, of ``leaf_map(g)``, computed in the reductions."""
+    ``leaf_map``, of ``leaf_map(g)``, computed in the reductions; with
+    ``scale`` (a power of two, exact), of ``scale * g``, in compute dtype."""
     leaves = jax.tree.leaves(updates)  # a leaf map keeps their dtypes
     dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
+
+    def scaled(g: jax.Array) -> jax.Array:
+        g = g.astype(_common.compute_dtype(g.dtype))
+        return g if scale == 1.0 else g * _common.real_dtype(g.dtype).type(scale)
+
     squared = [
-        jnp.sum(_abs_sq(g.astype(_common.compute_dtype(g.dtype)))).astype(dtype)
+        jnp.sum(_abs_sq(scaled(g))).astype(dtype)
         for g in jax.tree.leaves(_gate.mapped(_separate_read(updates), leaf_map))
     ]
     if not squared:

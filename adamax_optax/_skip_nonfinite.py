@@ -50,14 +50,33 @@ def is_good_step(
     """
     good = jnp.asarray(True)
     if skip_norm_above is not None:
-        norm = global_norm(raw_updates, leaf_map)
-        good = norm <= _common.as_compute_scalar(skip_norm_above, norm.dtype)
+        scale = _norm_scale(skip_norm_above, raw_updates)
+        norm = global_norm(raw_updates, leaf_map, scale)
+        threshold = _common.as_compute_scalar(skip_norm_above, norm.dtype)
+        good = norm <= threshold * norm.dtype.type(scale)
     if not norm_check_proves_finite(skip_norm_above, raw_updates):
         good = good & _gate.all_finite(raw_updates, gating, leaf_map)
     weight = extra_args.get("weight")
     if weight is not None:
         good = good & jnp.isfinite(jnp.asarray(weight, jnp.float32))
     return good
+
+
+def _norm_scale(skip_norm_above: ArrayLike, raw_updates: optax.Updates) -> float:
+    """1, or for a concrete threshold whose square overflows the compute dtype
+    (above about 1.8e19 in float32) a power of two that the norm is taken of
+    ``scale * g`` with, so that finite gradients near the threshold do not
+    overflow their squares (a sum that still overflows is of a norm above any
+    threshold of the dtype)."""
+    threshold = _validation.concrete_scalar(skip_norm_above)
+    leaves = jax.tree.leaves(raw_updates)
+    if threshold is None or not leaves:
+        return 1.0
+    dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
+    info = jnp.finfo(dtype)
+    if threshold * threshold < float(info.max):
+        return 1.0
+    return 2.0 ** -(info.maxexp // 2 + 6)
 
 
 def norm_check_proves_finite(
@@ -108,7 +127,8 @@ def skip_nonfinite(
     not folded into a global norm, whose ``g ** 2`` overflows float32 above
     about 1.8e19 and would skip large finite gradients; but with a concrete
     ``skip_norm_above`` below that, the norm's check is the one read, as a norm
-    at most the threshold proves every element finite. Under accumulation
+    at most the threshold proves every element finite (a threshold above it
+    is compared with the norm of ``g`` scaled by a power of two). Under accumulation
     ``skip_norm_above`` applies to each call's gradient, not the group's mean.
 
     With :func:`adamax_optax.dynamic_loss_scale` around it, it sees the

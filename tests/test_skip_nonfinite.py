@@ -424,3 +424,19 @@ def test_invalid_skip_options_are_named():
         adamax(skip_nonfinite="yes")
     with pytest.warns(UserWarning, match="skip_norm_above=3.0.*no effect"):
         adamax(skip_norm_above=3.0)
+
+
+@pytest.mark.parametrize(
+    "threshold, skipped",
+    [(4.2e19, True), (4.3e19, False), (1e30, False), (3e38, False)],
+)
+def test_a_threshold_above_the_squares_range_compares_the_true_norm(threshold, skipped):
+    # The norm is sqrt(2 * 9e38 + 1) = 4.2426e19: its float32 squares overflow.
+    tx = adamax(0.1, skip_nonfinite=True, skip_norm_above=threshold)
+    params = jnp.zeros(3)
+    grads = jnp.array([3e19, 3e19, 1.0])
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert int(get_skipped_steps(state)) == int(skipped)
+    assert bool(jnp.all(updates == 0)) == skipped
+    nan = jax.jit(tx.update)(grads.at[2].set(jnp.nan), tx.init(params), params)[1]
+    assert int(get_skipped_steps(nan)) == 1
