@@ -95,9 +95,13 @@ def has_updated(opt_state: optax.OptState) -> jax.Array:
 def get_learning_rate(opt_state: optax.OptState) -> jax.Array:
     """The learning rate the next update will use (float32).
 
-    For a schedule this is its value at the next update's step; under
+    For a schedule this is its value at the next update's step. Under
     ``optax.inject_hyperparams`` it is the injected ``learning_rate``
-    hyperparameter, which is what the next update uses.
+    hyperparameter as optax stores it: a value set in the state is what the
+    next update uses, but a schedule given to ``inject_hyperparams`` is stored
+    as evaluated for the update that ran last (optax evaluates it when an
+    update runs), so the rate read is that update's. Give the schedule to
+    :func:`adamax` itself to read the next update's.
 
     Example:
       >>> import jax.numpy as jnp, optax

@@ -58,8 +58,19 @@ def test_accessors_through_chain_and_inject_hyperparams():
     state.hyperparams["learning_rate"] = jnp.asarray(0.5)
     assert float(get_learning_rate(state)) == 0.5
     assert int(get_iterations(state)) == 2
+
     ema = finalize_variable_values(params, state)
     assert not np.allclose(ema["w"], params["w"])
+
+
+def test_an_injected_schedule_reads_as_the_last_update_used_it():
+    # As documented: optax evaluates an injected schedule when an update runs.
+    schedule = optax.linear_schedule(0.1, 0.0, 8)
+    injected = optax.inject_hyperparams(adamax)(learning_rate=schedule)
+    _, state = run(injected, 3)
+    assert float(get_learning_rate(state)) == pytest.approx(float(schedule(2)))
+    _, state = run(adamax(schedule), 3)
+    assert float(get_learning_rate(state)) == pytest.approx(float(schedule(3)))
 
 
 def test_accessors_on_a_flax_train_state():
