@@ -105,9 +105,11 @@ def _collect(node: Any, found: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
-    """``(key path, leaf)`` pairs, an excluded EMA leaf (``MaskedNode``) as a
-    leaf of its own."""
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
+    """``(key path, leaf)`` pairs, an excluded EMA leaf (``MaskedNode``, or
+    ``None`` as orbax restores one without a target) as a leaf of its own."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: x is None or is_masked(x)
+    )[0]
     return [(_common.key_path_name(path), leaf) for path, leaf in flat]
 
 

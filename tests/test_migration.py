@@ -165,6 +165,31 @@ def test_a_state_restored_by_orbax_without_a_target_converts(tmp_path):
         chex.assert_trees_all_equal(migrate_state(tx, restored, mid_params), state)
 
 
+@pytest.mark.parametrize("kind", [list, dict])
+def test_an_ema_exclusion_restored_without_a_target_converts(tmp_path, kind):
+    # orbax restores an excluded EMA leaf (a MaskedNode) as None.
+    import orbax.checkpoint as ocp
+
+    params = (
+        kind(a=jnp.ones(3), b=jnp.ones(7))
+        if kind is dict
+        else [
+            jnp.ones(3),
+            jnp.ones(7),
+        ]
+    )
+    excluded = lambda p: jax.tree.map(lambda x: x.shape == (7,), p)  # noqa: E731
+    tx = adamax(0.01, use_ema=True, exclude_from_ema=excluded)
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    checkpointer = ocp.StandardCheckpointer()
+    path = os.fspath(tmp_path / "state")
+    checkpointer.save(path, state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(path)
+    assert None in jax.tree.leaves(restored["ema"]["ema"], is_leaf=lambda x: x is None)
+    chex.assert_trees_all_equal(migrate_state(tx, restored, params), state)
+
+
 def test_adding_an_option_keeps_what_is_shared():
     params, grads = params_and_grads()
     before = adamax(0.01)
