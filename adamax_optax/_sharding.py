@@ -115,7 +115,10 @@ def state_shardings(
             return spec
         counts = shape if blocks is None else tuple(blocks)
         for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-            local = counts[dim] // _common.split_count(spec[dim], mesh)
+            split = _common.split_count(spec[dim], mesh)
+            if counts[dim] % split:  # its blocks straddle the shards already
+                continue
+            local = counts[dim] // split
             if local % size == 0 and local >= size:
                 spec[dim] = _with_axis(spec[dim], axis_name)
                 break

@@ -151,6 +151,7 @@ def main() -> None:
         assert m["bias+gain"].spec == P(None, "data"), m["bias+gain"].spec
     quantized_zero()
     quantized_tensor_parallel()
+    quantized_blocks_across_shards()
     print("ZERO OK")
 
 
@@ -200,6 +201,26 @@ def quantized_tensor_parallel() -> None:
         m = shardings.inner_state["accumulate"].inner_state["adamax"].m["narrow"]
         assert m.codes.spec == P("data", "model"), m.codes.spec
         assert m.scale.spec == scale_spec, (axis_type, m.scale.spec)
+
+
+def quantized_blocks_across_shards() -> None:
+    """Under Auto axes a last axis of 9 blocks of 256 split 2 ways on "model"
+    has blocks that straddle its shards already: the data axis goes on the
+    rows, which it splits into whole blocks, not on that axis (where 9 // 2
+    blocks a shard looked divisible by 4)."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    tx = adamax(0.05, quantized_state=True)
+    param_shardings = {"w": NamedSharding(mesh, P(None, "model"))}
+    params = {
+        "w": jax.ShapeDtypeStruct((64, 2304), np.float32, sharding=param_shardings["w"])
+    }
+    state = jax.eval_shape(tx.init, params)
+    assert state["adamax"].m["w"].block == 256
+    m = state_shardings(
+        state, mesh, "data", optimizer=tx, param_shardings=param_shardings
+    )["adamax"].m["w"]
+    assert m.codes.spec == P("data", "model"), m.codes.spec
+    assert m.scale.spec[0] == "data" and "data" not in str(m.scale.spec[1:]), m.scale
 
 
 if __name__ == "__main__":
