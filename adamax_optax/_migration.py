@@ -457,11 +457,11 @@ def migrate_state(
             params,
         )
     found: dict[str, list[dict[str, Any]]] = {}
-    _collect(_grouping.ungroup(old_state), found)
+    _collect(_grouping.ungroup(_off_other_meshes(old_state, params)), found)
     fresh = new_optimizer.init(params)
     _read_restored_groups(found, fresh)
     rebuilt = _grouping.regroup(_rebuild(_grouping.ungroup(fresh), found), fresh)
-    new_state = _with_current_rate(new_optimizer, rebuilt)
+    new_state = _placed_like(_with_current_rate(new_optimizer, rebuilt), fresh)
     dropped = sorted(role for role, olds in found.items() if olds)
     if dropped:
         _common.warn(
@@ -469,6 +469,49 @@ def migrate_state(
             f"the old state, which are dropped: {', '.join(dropped)}."
         )
     return new_state
+
+
+def _off_other_meshes(old_state: Any, params: Any) -> Any:
+    """``old_state`` with each array that lives on devices or a mesh the
+    parameters do not (orbax restores a checkpoint where it was saved) read
+    to the host, so that its conversion runs beside the new parameters."""
+    placements = [leaf.sharding for leaf in jax.tree.leaves(params) if _placed(leaf)]
+    devices = {d for sharding in placements for d in sharding.device_set}
+    meshes = {getattr(sharding, "mesh", None) for sharding in placements}
+
+    def elsewhere(leaf: Any) -> bool:
+        if not _placed(leaf) or not leaf.is_fully_addressable:
+            return False
+        if not leaf.sharding.device_set <= devices:
+            return True
+        mesh = getattr(leaf.sharding, "mesh", None)
+        return mesh is not None and mesh not in meshes
+
+    if not placements:
+        return old_state
+    return jax.tree.map(
+        lambda leaf: np.asarray(leaf) if elsewhere(leaf) else leaf, old_state
+    )
+
+
+def _placed(leaf: Any) -> bool:
+    """Whether ``leaf`` is an array with a placement (not a tracer)."""
+    return isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+
+
+def _placed_like(new_state: Any, fresh: Any) -> Any:
+    """``new_state`` with each array placed as ``init`` placed the fresh
+    state's (each leaf beside its parameter), not where the old state's
+    values were."""
+
+    def place(new: Any, made: Any) -> Any:
+        if not (_placed(made) and _placed(new)):
+            return new
+        if new.sharding == made.sharding:
+            return new
+        return jax.device_put(new, made.sharding)
+
+    return jax.tree.map(place, new_state, fresh)
 
 
 def _components(tree: Any) -> set[str]:

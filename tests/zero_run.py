@@ -30,6 +30,7 @@ from adamax_optax import (
     get_iterations,
     get_learning_rate,
     get_loss_scale,
+    migrate_state,
     state_shardings,
 )
 
@@ -152,6 +153,7 @@ def main() -> None:
     quantized_zero()
     quantized_tensor_parallel()
     quantized_blocks_across_shards()
+    migrated_to_another_tensor_parallel_degree()
     print("ZERO OK")
 
 
@@ -221,6 +223,32 @@ def quantized_blocks_across_shards() -> None:
     )["adamax"].m["w"]
     assert m.codes.spec == P("data", "model"), m.codes.spec
     assert m.scale.spec[0] == "data" and "data" not in str(m.scale.spec[1:]), m.scale
+
+
+def migrated_to_another_tensor_parallel_degree() -> None:
+    """A state made with the last axis split 2 ways (blocks of 192 under
+    Explicit axes), migrated for 8 ways, from its own mesh (as orbax restores
+    it) and from the host: the new state is placed as `init` places it on the
+    new mesh (blocks of 144), where the next update runs."""
+    w = np.random.default_rng(0).normal(size=(64, 2304)).astype(np.float32)
+    tx = adamax(0.05, quantized_state=True)
+    old_mesh, new_mesh = (
+        jax.make_mesh(shape, ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+        for shape in ((4, 2), (1, 8))
+    )
+    with jax.set_mesh(old_mesh):
+        params = {"w": jax.device_put(w, NamedSharding(old_mesh, P(None, "model")))}
+        _, old = jax.jit(tx.update)(params, tx.init(params), params)
+    assert old["adamax"].m["w"].block == 192
+    with jax.set_mesh(new_mesh):
+        params = {"w": jax.device_put(w, NamedSharding(new_mesh, P(None, "model")))}
+        fresh = tx.init(params)
+        for saved in (old, jax.tree.map(np.asarray, old)):
+            state = migrate_state(tx, saved, params)
+            assert state["adamax"].m["w"].block == 144
+            placed = jax.tree.map(lambda a, b: a.sharding == b.sharding, state, fresh)
+            assert all(jax.tree.leaves(placed)), placed
+            jax.jit(tx.update)(params, state, params)
 
 
 if __name__ == "__main__":
