@@ -15,7 +15,8 @@ encoding keeps exactly what that direction needs:
   to 1 (``k = 255``) in steps of a sixteenth of an octave. Rounded to nearest
   that keeps every ``u`` to 3.1% of itself over 16 octaves below its block's
   largest (rounded stochastically, as the update does, to one step, 6.25%),
-  where a linear code would zero the small ones.
+  where a linear code would zero the small ones. A scale stops at ``2 ** 126``
+  (:data:`LARGEST_SCALE`), whose reciprocal is still a normal float32.
 * ``m``: a signed byte ``j`` per element, ``j = round(127 * m / u)`` of the
   float ``m`` and ``u``, read back as ``m = u * j / 127``: the ratio the
   direction reads, to within 1/254 (to nearest; 1/127 stochastically),
@@ -70,6 +71,12 @@ is ``c``'s in two's complement."""
 NONFINITE_CODE = -128
 """``m``'s code for a moment that is not finite (a NaN or an infinity in a
 gradient): read back as NaN, ``m`` and ``u`` alike."""
+
+LARGEST_SCALE = 2.0**126
+"""The largest block scale: the reciprocal of a larger one is below float32's
+normal range, which XLA:CPU flushes to zero. A block whose largest ``u`` is
+above it (within 4x of float32's largest number) holds its ``u`` at most
+this: ``m`` keeps its ratio to ``u``, so the direction is kept."""
 
 DEFAULT_BLOCK_SIZE = 256
 """Elements per scale: 4 bytes of scale per 256 elements, 1/64 byte each."""
@@ -184,6 +191,7 @@ def encode(
     (:func:`dither_bits`) for stochastic rounding, ``None`` for round to
     nearest."""
     block = u.shape[-1] // scale.shape[-1]
+    scale = jnp.minimum(scale, LARGEST_SCALE)
     inverse_scale = _per_element(jnp.where(scale > 0, 1.0 / scale, 0.0), block)
     ratio_bits = jax.lax.bitcast_convert_type(u * inverse_scale, jnp.uint32)
     if dither is None:

@@ -143,14 +143,21 @@ def test_zero_block_decodes_to_zero():
     np.testing.assert_array_equal(np.asarray(u), 0.0)
 
 
-def test_one_huge_value_keeps_itself_and_zeroes_what_is_out_of_range():
+@pytest.mark.parametrize("huge", [1e30, 2.0**126, 1e38, 3.4e38])
+def test_one_huge_value_keeps_itself_and_zeroes_what_is_out_of_range(huge):
+    # Above 2**126 the scale's reciprocal would be subnormal (flushed to 0):
+    # the scale stops there, and m keeps its ratio to u.
     u = np.ones((1, BLOCK), np.float32)
-    u[0, 7] = 1e30
+    u[0, 7] = huge
+    u[0, 9] = huge / 1000
     m = -u
     m_back, u_back = map(np.asarray, q8.decode(encode_nearest(m, u)))
-    assert u_back[0, 7] == np.float32(1e30)
-    assert m_back[0, 7] == np.float32(-1e30)
-    others = np.arange(BLOCK) != 7
+    assert u_back[0, 7] == np.float32(min(huge, 2.0**126))
+    assert m_back[0, 7] == -u_back[0, 7]
+    # 1/1000 is 2**-9.97: within 3.1% (to nearest), m's ratio exact.
+    np.testing.assert_allclose(u_back[0, 9], huge / 1000, rtol=0.031)
+    np.testing.assert_allclose(m_back[0, 9], -u_back[0, 9], rtol=1e-6)
+    others = (np.arange(BLOCK) != 7) & (np.arange(BLOCK) != 9)
     np.testing.assert_array_equal(u_back[0, others], 0.0)  # below 2**-16 of it
     np.testing.assert_array_equal(m_back[0, others], 0.0)
     assert np.all(np.isfinite(m_back)) and np.all(np.isfinite(u_back))
