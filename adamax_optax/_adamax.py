@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -162,6 +161,7 @@ def scale_by_keras_adamax(
         quantized_block_size,
         1,
         "`quantized_block_size` must be a positive integer.",
+        int32=False,
     )
     if quantized_state:
         _check_ratio_bound(beta_1, beta_2)
@@ -374,14 +374,20 @@ def _check_ratio_bound(beta_1: Any, beta_2: Any) -> None:
     most ``u / beta_2 ** k``): 1.009 for Keras' betas; betas whose bound
     exceeds 1.01 would have their direction capped, and are refused. Traced
     betas (``optax.inject_hyperparams``) are not checked."""
-    if not all(isinstance(b, numbers.Real) for b in (beta_1, beta_2)):
+    betas = [_validation.concrete_scalar(b) for b in (beta_1, beta_2)]
+    if None in betas:
         return
-    beta_1, beta_2 = float(beta_1), float(beta_2)
-    bound = (1 - beta_1) / (1 - beta_1 / beta_2) if beta_1 < beta_2 else float("inf")
+    beta_1, beta_2 = (float(b) for b in betas)
+    if beta_1 == 0:
+        bound = 1.0  # m = g, u >= |g|
+    elif beta_1 < beta_2:
+        bound = (1 - beta_1) / (1 - beta_1 / beta_2)
+    else:
+        bound = float("inf")
     if bound > RATIO_BOUND:
         raise ValueError(
             "`quantized_state=True` holds `m` as a ratio to `u` in [-1, 1], and "
-            f"with beta_1={beta_1} and beta_2={beta_2} Adamax lets |m| reach "
+            f"with beta_1={beta_1:.6g} and beta_2={beta_2:.6g} Adamax lets |m| reach "
             f"{bound:.3g} u ((1 - beta_1) / (1 - beta_1 / beta_2)), above the "
             f"{RATIO_BOUND} the encoding allows: the direction would be capped. "
             "Use a beta_2 closer to 1 (0.999 gives 1.009 with beta_1=0.9) or a "

@@ -125,7 +125,11 @@ def _stack(leaves: list[Any]) -> Any:
         return jax.tree.map(lambda *xs: _stack(list(xs)), *leaves)
     if isinstance(first, jax.ShapeDtypeStruct):  # an abstract tree
         return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
-    dtype = jnp.result_type(*leaves)
+    # Gradients of one group's parameters may differ in dtype (a float32
+    # gradient keeps it until the Adamax step): stacked in the widest, a
+    # deliberate promotion that strict mode would refuse.
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.result_type(*leaves)
     # One primitive a leaf: a step traces this for every small leaf of the
     # gradients and the parameters.
     return jax.lax.concatenate(

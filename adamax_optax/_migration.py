@@ -104,12 +104,16 @@ def _collect(node: Any, found: dict[str, list[dict[str, Any]]]) -> None:
             _collect(value, found)
 
 
+def _is_absent(x: Any) -> bool:
+    """An excluded leaf, or a ``None`` (a parameter's, or an exclusion as orbax
+    restores it): a leaf of its own on both sides of :func:`_carry`."""
+    return x is None or is_masked(x)
+
+
 def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
     """``(key path, leaf)`` pairs, an excluded EMA leaf (``MaskedNode``, or
     ``None`` as orbax restores one without a target) as a leaf of its own."""
-    flat = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: x is None or is_masked(x)
-    )[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_absent)[0]
     return [(_common.key_path_name(path), leaf) for path, leaf in flat]
 
 
@@ -122,7 +126,7 @@ def _carry(old: Any, fresh: Any, where: str) -> Any:
     fresh value or stays excluded.
     """
     old_named = _named_leaves(old)
-    fresh_named, treedef = jax.tree_util.tree_flatten(fresh, is_leaf=is_masked)
+    fresh_named, treedef = jax.tree_util.tree_flatten(fresh, is_leaf=_is_absent)
     fresh_names = [name for name, _ in _named_leaves(fresh)]
     by_name = dict(old_named)
     if set(by_name) != set(fresh_names):
@@ -505,8 +509,8 @@ def _placed_like(new_state: Any, fresh: Any) -> Any:
     values were."""
 
     def place(new: Any, made: Any) -> Any:
-        if not (_placed(made) and _placed(new)):
-            return new
+        if not (_placed(made) and _placed(new)) or not made.committed:
+            return new  # `init` left it to follow its computation: so does this
         if new.sharding == made.sharding:
             return new
         return jax.device_put(new, made.sharding)

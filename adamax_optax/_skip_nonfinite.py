@@ -72,8 +72,11 @@ def _norm_scale(skip_norm_above: ArrayLike, raw_updates: optax.Updates) -> float
     leaves = jax.tree.leaves(raw_updates)
     if threshold is None or not leaves:
         return 1.0
-    dtype = _common.real_dtype(_common.compute_dtype(*(g.dtype for g in leaves)))
-    info = jnp.finfo(dtype)
+    # Each leaf squares in its own compute dtype: the narrowest range decides.
+    info = min(
+        (jnp.finfo(_common.real_dtype(_common.compute_dtype(g.dtype))) for g in leaves),
+        key=lambda info: float(info.max),
+    )
     if threshold * threshold < float(info.max):
         return 1.0
     return 2.0 ** -(info.maxexp // 2 + 6)

@@ -85,6 +85,21 @@ def test_moments_are_read_per_leaf():
         np.testing.assert_allclose(u[name], np.abs(g), rtol=1e-6)
 
 
+def test_a_group_of_mixed_gradient_dtypes_stacks():
+    # A float32 gradient of a float16 parameter keeps its dtype until the
+    # Adamax step; its group's other gradient is float16 (strict promotion).
+    params = {f"b{i}": jnp.ones(8, jnp.float16) for i in range(2)}
+    grads = {"b0": jnp.full(8, 2.0, jnp.float32), "b1": jnp.full(8, 2.0, jnp.float16)}
+    tx = adamax(0.1)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert isinstance(state["adamax"].m, _grouping.Grouped)
+    for name in params:  # the first step: -lr * g / (|g| + eps)
+        assert updates[name].dtype == jnp.float16
+        np.testing.assert_allclose(
+            np.asarray(updates[name], np.float32), -0.1, rtol=1e-3
+        )
+
+
 def test_large_or_unique_leaves_keep_the_state_per_leaf():
     params = {"big": jnp.zeros((256, 256)), "other": jnp.zeros((256, 256))}
     state = adamax().init(params)

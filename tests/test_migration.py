@@ -190,6 +190,17 @@ def test_an_ema_exclusion_restored_without_a_target_converts(tmp_path, kind):
     chex.assert_trees_all_equal(migrate_state(tx, restored, params), state)
 
 
+@pytest.mark.parametrize("options", [{}, dict(use_ema=True), dict(weight_decay=0.1)])
+def test_parameters_with_none_leaves_migrate(options):
+    params = {"w": jnp.ones(3), "frozen": None}
+    tx = adamax(0.1, **options)
+    _, state = tx.update(params, tx.init(params), params)
+    chex.assert_trees_all_equal(migrate_state(tx, state, params), state)
+    bigger = adamax(0.1, use_ema=True, gradient_accumulation_steps=2)
+    migrated = migrate_state(bigger, state, params)
+    assert int(ao.get_iterations(migrated)) == 1
+
+
 def test_adding_an_option_keeps_what_is_shared():
     params, grads = params_and_grads()
     before = adamax(0.01)

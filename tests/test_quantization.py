@@ -202,16 +202,17 @@ def _largest_ratio(beta_1: float, beta_2: float, steps: int = 3000) -> float:
 
 
 @pytest.mark.parametrize("betas", [(0.9, 0.95), (0.9, 0.99), (0.9, 0.9), (0.95, 0.9)])
-def test_betas_that_let_m_outgrow_u_are_refused(betas):
+@pytest.mark.parametrize("form", [float, np.asarray, jnp.float32])
+def test_betas_that_let_m_outgrow_u_are_refused(betas, form):
     # Their ratio is above 1.01 (NumPy, from Adamax's recursions): the
     # encoding's [-1, 1] would cap the direction.
     if betas[0] < betas[1]:
         assert _largest_ratio(*betas) > 1.01
     with pytest.raises(ValueError, match=r"ratio to `u`.* beta_1=.* beta_2="):
-        adamax(beta_1=betas[0], beta_2=betas[1], quantized_state=True)
+        adamax(beta_1=form(betas[0]), beta_2=form(betas[1]), quantized_state=True)
 
 
-@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.0, 0.5), (0.5, 0.9999)])
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.0, 0.5), (0.0, 0.0), (0.5, 0.9999)])
 def test_betas_that_keep_m_within_u_are_accepted(betas):
     assert _largest_ratio(*betas) <= 1.01
     adamax(beta_1=betas[0], beta_2=betas[1], quantized_state=True)

@@ -249,6 +249,13 @@ def migrated_to_another_tensor_parallel_degree() -> None:
             placed = jax.tree.map(lambda a, b: a.sharding == b.sharding, state, fresh)
             assert all(jax.tree.leaves(placed)), placed
             jax.jit(tx.update)(params, state, params)
+    # On the parameters' own mesh, outside `set_mesh`, into another optimizer:
+    # what `init` leaves uncommitted (the counters) stays so.
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    params = {"w": jax.device_put(w[:16, :64], NamedSharding(mesh, P(None, "data")))}
+    _, state = jax.jit(tx.update)(params, tx.init(params), params)
+    bigger = adamax(0.05, quantized_state=True, use_ema=True)
+    jax.jit(bigger.update)(params, migrate_state(bigger, state, params), params)
 
 
 if __name__ == "__main__":
