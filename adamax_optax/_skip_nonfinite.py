@@ -62,24 +62,27 @@ def is_good_step(
     return good
 
 
+def _narrowest_range(raw_updates: optax.Updates) -> Any:
+    """The ``finfo`` of the narrowest compute dtype among the leaves (each
+    squares in its own), or ``None`` without leaves."""
+    leaves = jax.tree.leaves(raw_updates)  # a leaf map keeps their dtypes
+    infos = [
+        jnp.finfo(_common.real_dtype(_common.compute_dtype(g.dtype))) for g in leaves
+    ]
+    return min(infos, key=lambda info: float(info.max)) if infos else None
+
+
 def _norm_scale(skip_norm_above: ArrayLike, raw_updates: optax.Updates) -> float:
     """1, or for a concrete threshold whose square overflows the compute dtype
     (above about 1.8e19 in float32) a power of two that the norm is taken of
     ``scale * g`` with, so that finite gradients near the threshold do not
     overflow their squares (a sum that still overflows is of a norm above any
     threshold of the dtype)."""
-    threshold = _validation.concrete_scalar(skip_norm_above)
-    leaves = jax.tree.leaves(raw_updates)
-    if threshold is None or not leaves:
+    if _validation.concrete_scalar(skip_norm_above) is None or (
+        norm_check_proves_finite(skip_norm_above, raw_updates)
+    ):
         return 1.0
-    # Each leaf squares in its own compute dtype: the narrowest range decides.
-    info = min(
-        (jnp.finfo(_common.real_dtype(_common.compute_dtype(g.dtype))) for g in leaves),
-        key=lambda info: float(info.max),
-    )
-    if threshold * threshold < float(info.max):
-        return 1.0
-    return 2.0 ** -(info.maxexp // 2 + 6)
+    return 2.0 ** -(_narrowest_range(raw_updates).maxexp // 2 + 6)
 
 
 def norm_check_proves_finite(
@@ -93,9 +96,8 @@ def norm_check_proves_finite(
         threshold = _validation.concrete_scalar(skip_norm_above)
     if threshold is None:
         return False
-    leaves = jax.tree.leaves(raw_updates)  # a leaf map keeps their dtypes
-    dtypes = [_common.real_dtype(_common.compute_dtype(g.dtype)) for g in leaves]
-    return all(threshold * threshold < float(jnp.finfo(d).max) for d in dtypes)
+    narrowest = _narrowest_range(raw_updates)
+    return narrowest is None or threshold * threshold < float(narrowest.max)
 
 
 def skip_nonfinite(
