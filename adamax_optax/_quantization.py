@@ -3,9 +3,8 @@
 Adamax suits 8-bit state better than Adam does. Its infinity norm
 ``u = maximum(beta_2 * u, |g|)`` is non-negative, and the first moment is
 bounded by it elementwise (``|m| <= u`` to 1% for Keras' betas; betas that
-allow more are refused), so
-the update direction ``m / (u + epsilon)`` is a ratio in ``[-1, 1]``. The
-encoding keeps exactly what that direction needs:
+allow more are refused), so the update direction ``m / (u + epsilon)`` is a
+ratio in ``[-1, 1]``. The encoding keeps exactly what that direction needs:
 
 * ``u``: one float32 ``scale`` per block of ``block`` elements along the last
   axis (the block's largest ``u``), and per element an unsigned byte ``k``, an
