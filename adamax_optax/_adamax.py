@@ -63,6 +63,7 @@ def encoded_moments(m: Any, u: Any, like_m: Any) -> tuple[Any, Any]:
             return _Moments(m, u)
         m, u = jnp.asarray(m, jnp.float32), jnp.asarray(u, jnp.float32)
         scale = q8.finite_block_max_abs(u, like.block)  # a NaN reads back as NaN
+        u = q8.mark_nonfinite(m, u)
         return _Moments(q8.encode(m, u, scale), optax.MaskedNode())
 
     pairs = jax.tree.map(encode, m, u, like_m, is_leaf=q8.is_8bit)
@@ -240,7 +241,7 @@ def scale_by_keras_adamax(
             b1 = _common.as_compute_scalar(beta_1, jnp.float32)
             m, u = q8.decode(moments)
             m = m + (g - m) * (1 - b1)
-            u = jnp.maximum(b2_f32 * u, jnp.abs(g))
+            u = q8.maximum_of_nonnegative(b2_f32 * u, jnp.abs(g))
             scale = _common.sharded_like(scale, moments.scale)
             return q8.encode(m, u, scale, q8.dither_bits(g.shape, count, salt))
 
