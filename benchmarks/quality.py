@@ -7,12 +7,16 @@ state, trained from the same weights on the same batches, three seeds.
 * ``mlp``: the benchmarks' 1000-leaf MLP (500 tanh layers of width 64) fitting
   its own input, 300 steps at 1e-3 (each seed draws its own batch); final loss.
 
-The control: how far a final loss moves when nothing but the starting weights
+Two controls. How far a final loss moves when nothing but the starting weights
 changes, each weight multiplied by ``1 + 1e-6 n`` (``n`` standard normal; a
 weight that starts at zero, a bias, stays zero), ``--perturbed K`` such starts
 a seed and a state besides the unperturbed one (default 4: five runs of each,
-about 7 minutes on 2 CPU cores). A gap between two states is only evidence
-where it is larger than each state's distance from itself.
+about 9 minutes on 2 CPU cores). And how far it moves under a perturbation of
+every step as small as a rounding: float32 state whose gradients are each
+multiplied by ``1 + 0.01 n`` (a new ``n`` every element and step, from a key
+of the seed and the start), far below the batches' own noise. A gap between
+two states is only evidence where it is larger than each state's distance
+from itself and than the noisy gradients' distance from float32 state.
 
 Run ``python benchmarks/quality.py [--plot PATH] [--perturbed K]``; it prints
 the tables and writes ``bench_results_quality.json``.
@@ -46,7 +50,11 @@ STATES: dict[str, dict[str, Any]] = {
     "bfloat16 state": dict(state_dtype=jnp.bfloat16),
     "quantized state": dict(quantized_state=True),
 }
+NOISY = "float32, 1% noise"
+"""The control: float32 state with each gradient times ``1 + 0.01 n``."""
+GRADIENT_NOISE = 0.01
 SEEDS = (0, 1, 2)
+NAMES = (*STATES, NOISY)
 PERTURBATION = 1e-6
 """The relative size of a perturbed start's change to the initial weights."""
 
@@ -63,6 +71,38 @@ def perturbed(params: Any, seed: int, start: int) -> Any:
         ),
         params,
     )
+
+
+def gradient_noise(relative: float, seed: int) -> optax.GradientTransformation:
+    """Each gradient element times ``1 + relative * n``, ``n`` standard
+    normal, new for every element and step (a key in the state)."""
+
+    def init(params: Any) -> jax.Array:
+        del params
+        return jax.random.key(seed)
+
+    def update(updates: Any, key: jax.Array, params: Any = None) -> tuple[Any, Any]:
+        del params
+        key, draw = jax.random.split(key)
+        leaves, tree = jax.tree.flatten(updates)
+        keys = jax.random.split(draw, len(leaves))
+        noisy = [
+            g * (1 + relative * jax.random.normal(k, g.shape, g.dtype))
+            for g, k in zip(leaves, keys, strict=True)
+        ]
+        return jax.tree.unflatten(tree, noisy), key
+
+    return optax.GradientTransformation(init, update)
+
+
+def optimizer(
+    name: str, learning_rate: Any, seed: int, start: int
+) -> optax.GradientTransformation:
+    """The run's optimizer: ``adamax`` in the state ``name``, or the control."""
+    if name == NOISY:
+        noise = gradient_noise(GRADIENT_NOISE, 1000 * seed + start)
+        return optax.chain(noise, adamax(learning_rate))
+    return adamax(learning_rate, **STATES[name])
 
 
 def train(
@@ -110,8 +150,8 @@ def digits_runs(starts: int = 1) -> list[dict[str, Any]]:
         per_epoch = len(batches) // epochs
         init = model.init(jax.random.key(seed), jnp.zeros((1, 64)))["params"]
         schedule = optax.cosine_decay_schedule(0.01, len(batches))
-        for start, name in itertools.product(range(starts), STATES):
-            tx = adamax(schedule, **STATES[name])
+        for start, name in itertools.product(range(starts), NAMES):
+            tx = optimizer(name, schedule, seed, start)
             first = perturbed(init, seed, start)
             params, losses = train(loss_fn, first, tx, batches, cache, name)
             _, accuracy = evaluate(params, data.x_test, data.y_test)
@@ -141,8 +181,8 @@ def mlp_runs(steps: int = 300, starts: int = 1) -> list[dict[str, Any]]:
             np.random.default_rng(100 + seed).normal(size=(32, 64)), jnp.float32
         )
         batches = [(x,)] * steps
-        for start, name in itertools.product(range(starts), STATES):
-            tx = adamax(1e-3, **STATES[name])
+        for start, name in itertools.product(range(starts), NAMES):
+            tx = optimizer(name, 1e-3, seed, start)
             first = perturbed(params, seed, start)
             _, losses = train(loss_fn, first, tx, batches, cache, name)
             rows.append(
@@ -170,7 +210,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for r in rows
             if r["task"] == task and r["state"] == "float32 state"
         }
-        for name in STATES:
+        for name in NAMES:
             mine = [r for r in rows if r["task"] == task and r["state"] == name]
             loss_gaps = [
                 r["final_loss"] / reference[r["seed"]]["final_loss"] - 1 for r in mine
@@ -207,8 +247,9 @@ def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 for r in rows
                 if (r["task"], r["seed"], r["state"]) == (task, seed, name)
             }
-            for name in STATES
+            for name in NAMES
         }
+        runs = {name: losses for name, losses in runs.items() if losses}
         reference = runs["float32 state"][0]
         for name, losses in runs.items():
             values = list(losses.values())
@@ -229,37 +270,37 @@ def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def print_rows(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> None:
-    print(f"{'task':7} {'state':16} {'seed':>4} {'final loss':>11} {'test acc':>9}")
+    print(f"{'task':7} {'state':18} {'seed':>4} {'final loss':>11} {'test acc':>9}")
     for r in rows:
         accuracy = (
             "" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:8.2f}%"
         )
         print(
-            f"{r['task']:7} {r['state']:16} {r['seed']:4d} "
+            f"{r['task']:7} {r['state']:18} {r['seed']:4d} "
             f"{r['final_loss']:11.5f} {accuracy:>9}"
         )
     print()
     print(
-        f"{'task':7} {'state':16} {'mean loss':>10} "
+        f"{'task':7} {'state':18} {'mean loss':>10} "
         f"{'worst loss gap':>15} {'worst acc gap':>14}"
     )
     for s in summaries:
         gap = s.get("worst_accuracy_gap_points")
         shown = "" if gap is None else f"{gap:+.2f} pt"
         print(
-            f"{s['task']:7} {s['state']:16} {s['final_loss']:10.5f} "
+            f"{s['task']:7} {s['state']:18} {s['final_loss']:10.5f} "
             f"{100 * s['worst_loss_gap']:+14.2f}% {shown:>14}"
         )
 
 
 def print_spread(spreads: list[dict[str, Any]]) -> None:
     print(
-        f"{'task':7} {'seed':>4} {'state':16} {'starts':>6} {'median loss':>12} "
+        f"{'task':7} {'seed':>4} {'state':18} {'starts':>6} {'median loss':>12} "
         f"{'range':>19} {'self gap':>9} {'gap to float32':>15}"
     )
     for s in spreads:
         print(
-            f"{s['task']:7} {s['seed']:4d} {s['state']:16} {s['starts']:6d} "
+            f"{s['task']:7} {s['seed']:4d} {s['state']:18} {s['starts']:6d} "
             f"{s['median']:12.5f} {s['low']:9.5f}-{s['high']:.5f} "
             f"{100 * s['self_gap']:+8.2f}% {100 * s['gap_to_float32']:+14.2f}%"
         )
@@ -273,7 +314,9 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
 
     tasks = sorted({r["task"] for r in rows})
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6))
-    colours = dict(zip(STATES, ("black", "tab:blue", "tab:orange"), strict=True))
+    colours = dict(
+        zip(NAMES, ("black", "tab:blue", "tab:orange", "tab:gray"), strict=True)
+    )
     for axis, task in zip(np.atleast_1d(axes), tasks, strict=True):
         for r in rows:
             if r["task"] == task:

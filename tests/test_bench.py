@@ -152,6 +152,21 @@ def test_training_steps_are_timed_in_whole_accumulation_groups():
         train_steps.run_model("mlp", steps=3)
 
 
+def test_quality_noise_control_perturbs_each_gradient_by_a_hundredth():
+    import quality
+
+    tx = quality.gradient_noise(0.01, seed=3)
+    grads = {"w": jax.numpy.full((20000,), 2.0)}
+    state = tx.init(grads)
+    first, state = tx.update(grads, state)
+    second, _ = tx.update(grads, state)
+    relative = np.asarray(first["w"]) / 2.0 - 1
+    assert abs(np.mean(relative)) < 5e-4 and 0.0095 < np.std(relative) < 0.0105
+    assert not np.array_equal(first["w"], second["w"])  # new draws every step
+    again, _ = tx.update(grads, tx.init(grads))
+    np.testing.assert_array_equal(again["w"], first["w"])  # reproducible
+
+
 def test_quality_control_perturbs_by_a_millionth_and_measures_the_spread():
     import quality
 

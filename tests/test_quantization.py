@@ -116,10 +116,46 @@ def reference_dither(shape: tuple[int, ...], count: int, salt: int) -> np.ndarra
     "shape", [(4096,), (4, 3, 64), (3, 16, 256), (5, 7, 100), (2, 4100)]
 )
 def test_rounding_draws_are_the_hash_of_the_row_major_position(shape):
-    # The position is built from octets where the last axis allows (the
-    # first three shapes), from the axis' own index where it does not.
+    # The position is built from runs of up to 256 where the last axis
+    # allows (the first three shapes), from the axis' own index where it
+    # does not.
     draws = jax.jit(lambda c: q8.dither_bits(shape, c, 3))(jnp.int32(5))
     np.testing.assert_array_equal(np.asarray(draws), reference_dither(shape, 5, 3))
+
+
+def test_block_maxima_of_every_sign_and_special_value():
+    """Each block's largest ``|x|``, from the integer maxima of the bits,
+    against NumPy's: blocks all negative, all positive, mixed, of zeros of
+    both signs, with an infinity of either sign, with a NaN of either sign
+    (kept), and float32's largest and smallest numbers."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(9, 64)).astype(np.float32)
+    x[0] = -np.abs(x[0])
+    x[1] = np.abs(x[1])
+    x[2] = np.where(np.arange(64) % 2, 0.0, -0.0)
+    x[3, 5] = -np.inf
+    x[4, 9] = np.inf
+    x[5, 3] = np.nan
+    x[6, 3] = -np.nan
+    x[7, 0], x[7, 1] = -np.finfo(np.float32).max, np.finfo(np.float32).tiny
+    x[8] = -1e-42  # subnormal
+    got = np.asarray(jax.jit(lambda x: q8.block_max_abs(x, 32))(jnp.asarray(x)))
+    with np.errstate(invalid="ignore"):
+        want = np.abs(x).reshape(9, 2, 32).max(axis=-1)
+    np.testing.assert_array_equal(got, want)
+    assert np.signbit(got[2]).sum() == 0  # +0, not -0
+
+
+def test_maximum_of_nonnegative_is_the_float_maximum():
+    """Non-negative floats, infinity and NaN: the integer maximum of the bits
+    is NumPy's float maximum, a NaN kept whichever side it is on."""
+    values = np.array(
+        [0.0, 1e-42, np.finfo(np.float32).tiny, 0.5, 1.0, 3e38, np.inf, np.nan],
+        np.float32,
+    )
+    a, b = np.meshgrid(values, values)
+    got = np.asarray(jax.jit(q8.maximum_of_nonnegative)(a, b))
+    np.testing.assert_array_equal(got, np.maximum(a, b))
 
 
 def test_round_trip_error_is_bounded_per_block():
@@ -339,6 +375,7 @@ def test_nonfinite_float_moments_encode_as_nan():
     bad_m, bad_u = m.copy(), u.copy()
     bad_m[1, 3], bad_u[1, 3] = np.nan, np.nan
     bad_u[0, 7] = np.inf
+    bad_m[0, 20] = -np.inf  # beside a finite u
     moments, _ = encoded_moments(
         {"w": jnp.asarray(bad_m)},
         {"w": jnp.asarray(bad_u)},
@@ -350,7 +387,8 @@ def test_nonfinite_float_moments_encode_as_nan():
     u_ref = reference_decode_u(k_ref, np.repeat(scale_ref, BLOCK, axis=-1))
     assert np.isnan(m_back[1, 3]) and np.isnan(u_back[1, 3])
     assert np.isnan(m_back[0, 7]) and np.isnan(u_back[0, 7])
-    assert np.sum(np.isnan(u_back)) == 2
+    assert np.isnan(m_back[0, 20]) and np.isnan(u_back[0, 20])
+    assert np.sum(np.isnan(u_back)) == 3
     others = ~np.isnan(u_back)
     np.testing.assert_allclose(u_back[others], u_ref[others], rtol=1e-6)
 
