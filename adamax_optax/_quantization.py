@@ -298,8 +298,8 @@ def finite_block_max_abs(x: jax.Array, block: int) -> jax.Array:
 
 def block_scale(x: jax.Array, block: int, floor: jax.Array) -> jax.Array:
     """The block scales ``maximum(floor, max |x|)`` (not finite where ``x``
-    holds an infinity, or a NaN the reduction keeps: the update then takes
-    them again over the finite elements)."""
+    holds a NaN or an infinity: the update then takes them again over the
+    finite elements)."""
     return jnp.maximum(floor, block_max_abs(x, block))
 
 

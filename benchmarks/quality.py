@@ -85,10 +85,14 @@ def gradient_noise(relative: float, seed: int) -> optax.GradientTransformation:
         del params
         key, draw = jax.random.split(key)
         leaves, tree = jax.tree.flatten(updates)
-        keys = jax.random.split(draw, len(leaves))
+        # One draw for every leaf, cut into theirs: a draw per leaf compiles
+        # for minutes on the 1000-leaf MLP.
+        sizes = [g.size for g in leaves]
+        n = jax.random.normal(draw, (sum(sizes),), jnp.float32)
+        cuts = np.cumsum(sizes)[:-1].tolist()
         noisy = [
-            g * (1 + relative * jax.random.normal(k, g.shape, g.dtype))
-            for g, k in zip(leaves, keys, strict=True)
+            g * (1 + relative * part.reshape(g.shape)).astype(g.dtype)
+            for g, part in zip(leaves, jnp.split(n, cuts), strict=True)
         ]
         return jax.tree.unflatten(tree, noisy), key
 
