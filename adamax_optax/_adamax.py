@@ -63,7 +63,7 @@ def encoded_moments(m: Any, u: Any, like_m: Any) -> tuple[Any, Any]:
             return _Moments(m, u)
         m, u = jnp.asarray(m, jnp.float32), jnp.asarray(u, jnp.float32)
         scale = q8.finite_block_max_abs(u, like.block)  # a NaN reads back as NaN
-        u = q8.mark_nonfinite(m, u)
+        m = q8.mark_nonfinite(m, u)
         return _Moments(q8.encode(m, u, scale), optax.MaskedNode())
 
     pairs = jax.tree.map(encode, m, u, like_m, is_leaf=q8.is_8bit)

@@ -71,8 +71,6 @@ NONFINITE_CODE = -128
 """``m``'s code for a moment that is not finite (a NaN or an infinity in a
 gradient): read back as NaN, ``m`` and ``u`` alike."""
 
-_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
-
 LARGEST_SCALE = 2.0**126
 """The largest block scale: the reciprocal of a larger one is below float32's
 normal range, which XLA:CPU flushes to zero. A block whose largest ``u`` is
@@ -193,9 +191,10 @@ def encode(
     """The codes of float32 ``m`` and ``u`` against the block ``scale`` (each
     block's largest ``u``); ``dither``: 32 random bits per element
     (:func:`dither_bits`) for stochastic rounding, ``None`` for round to
-    nearest. A moment that is not finite is marked where ``u`` is not finite:
-    Adamax's ``u`` is wherever its ``m`` is (:func:`mark_nonfinite` makes a
-    pair from elsewhere so)."""
+    nearest. A moment that is not finite is marked where ``m`` is not finite:
+    Adamax's ``m`` is wherever its ``u`` is (:func:`mark_nonfinite` makes a
+    pair from elsewhere so), and overflows alone (a finite gradient near
+    float32's largest against an ``m`` of the other sign)."""
     block = u.shape[-1] // scale.shape[-1]
     scale = jnp.minimum(scale, LARGEST_SCALE)
     # The reciprocal per block, where 1/inf = 0 stands for a block of zeros: a
@@ -214,9 +213,8 @@ def encode(
     u_codes = jnp.clip(kept, 0, TOP_CODE)
     # m's code is its ratio to u itself (not to u's code): decoded, m / u
     # keeps Adamax's direction whatever the rounding of u. (u = 0 only where
-    # m = 0, whose ratio to float32's smallest normal number is 0; u's code 0
-    # reads m as 0 whatever its code.)
-    ratio = m / maximum_of_nonnegative(u, _SMALLEST_NORMAL)
+    # m = 0; u's code 0 reads m as 0 whatever its code.)
+    ratio = m / jnp.where(u > 0, u, 1.0)
     m_code = jnp.clip(
         jnp.floor(ratio * RATIO_CODES + m_dither), -RATIO_CODES, RATIO_CODES
     )
@@ -225,15 +223,15 @@ def encode(
     # four more operations an element. (A NaN code, from a moment that is not
     # finite, is replaced below.)
     m_bits = jax.lax.bitcast_convert_type(m_code + _WHOLE_NUMBER_BIAS, jnp.int32)
-    m_byte = jnp.where(jnp.isfinite(u), m_bits & 0xFF, NONFINITE_CODE & 0xFF)
+    m_byte = jnp.where(jnp.isfinite(m), m_bits & 0xFF, NONFINITE_CODE & 0xFF)
     codes = (u_codes << 8) | m_byte
     return Moments8Bit(codes.astype(jnp.uint16), scale)
 
 
 def mark_nonfinite(m: jax.Array, u: jax.Array) -> jax.Array:
-    """``u``, NaN where ``m`` is not finite: the form :func:`encode` reads a
-    pair in (it marks a moment that is not finite by its ``u``)."""
-    return jnp.where(jnp.isfinite(m), u, jnp.nan)
+    """``m``, NaN where ``u`` is not finite: the form :func:`encode` reads a
+    pair in (it marks a moment that is not finite by its ``m``)."""
+    return jnp.where(jnp.isfinite(u), m, jnp.nan)
 
 
 def maximum_of_nonnegative(a: jax.Array, b: jax.Array | float) -> jax.Array:

@@ -91,7 +91,9 @@ def gradient_noise(relative: float, seed: int) -> optax.GradientTransformation:
         n = jax.random.normal(draw, (sum(sizes),), jnp.float32)
         cuts = np.cumsum(sizes)[:-1].tolist()
         noisy = [
-            g * (1 + relative * part.reshape(g.shape)).astype(g.dtype)
+            (g.astype(jnp.float32) * (1 + relative * part.reshape(g.shape))).astype(
+                g.dtype
+            )
             for g, part in zip(leaves, jnp.split(n, cuts), strict=True)
         ]
         return jax.tree.unflatten(tree, noisy), key
@@ -216,6 +218,8 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for name in NAMES:
             mine = [r for r in rows if r["task"] == task and r["state"] == name]
+            if not mine:
+                continue
             loss_gaps = [
                 r["final_loss"] / reference[r["seed"]]["final_loss"] - 1 for r in mine
             ]

@@ -367,6 +367,26 @@ def test_a_nonfinite_gradient_makes_its_element_nan_as_float_state_does(bad, at)
     assert np.all(np.isfinite(u[outside])) and np.all(np.isfinite(m[outside]))
 
 
+def test_m_overflowing_alone_is_marked_as_float_state_overflows():
+    """A finite gradient near float32's largest, against an ``m`` of the
+    other sign, overflows ``m`` (float32 state: ``m = inf``) while ``u`` stays
+    finite: the element is marked not finite (read back as NaN), not kept as
+    a finite ``m = u``."""
+    params = {"w": jnp.zeros((16, 256))}
+    grads = [jnp.full((16, 256), -3e38), jnp.full((16, 256), 3.4e38)]
+    moments = {}
+    for name, options in (("8-bit", dict(quantized_state=True)), ("float", {})):
+        tx = adamax(1e-3, **options)
+        state = tx.init(params)
+        for g in grads:
+            _, state = jax.jit(tx.update)({"w": g}, state, params)
+        moments[name] = [np.asarray(x["w"]) for x in state["adamax"].moments()]
+    m_float, u_float = moments["float"]
+    assert np.all(np.isinf(m_float)) and np.all(np.isfinite(u_float))
+    m_8bit, u_8bit = moments["8-bit"]
+    assert np.all(np.isnan(m_8bit)) and np.all(np.isnan(u_8bit))
+
+
 def test_nonfinite_float_moments_encode_as_nan():
     """``migrate_state`` from a float state whose moments hold a NaN or an
     infinity: those elements read back as NaN, the rest of their block as
