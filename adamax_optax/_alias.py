@@ -437,8 +437,8 @@ def _is_off(value: Any) -> bool:
     """Whether an option another needs is off: ``None``, ``False`` or a zero
     number. An array (``optax.inject_hyperparams`` passes one, traced under
     ``jit``) counts as on."""
-    if value is None or isinstance(value, jax.Array | np.ndarray):
-        return value is None
+    if isinstance(value, jax.Array | np.ndarray):
+        return False
     return not value
 
 

@@ -11,10 +11,11 @@ Two controls. How far a final loss moves when nothing but the starting weights
 changes, each weight multiplied by ``1 + 1e-6 n`` (``n`` standard normal; a
 weight that starts at zero, a bias, stays zero), ``--perturbed K`` such starts
 a seed and a state besides the unperturbed one (default 4: five runs of each,
-about 9 minutes on 2 CPU cores). And how far it moves under a perturbation of
-every step as small as a rounding: float32 state whose gradients are each
+about 9 minutes on 2 CPU cores). And how far it moves under a small
+perturbation of every step: float32 state whose gradients are each
 multiplied by ``1 + 0.01 n`` (a new ``n`` every element and step, from a key
-of the seed and the start), far below the batches' own noise. A gap between
+of the seed and the start), a hundredth of each gradient, where the 8-bit
+codes round ``u`` by up to 6% and ``m / u`` by up to 1/127. A gap between
 two states is only evidence where it is larger than each state's distance
 from itself and than the noisy gradients' distance from float32 state.
 
