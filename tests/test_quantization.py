@@ -99,17 +99,25 @@ def test_every_m_code_is_written_exactly():
 
 def reference_dither(shape: tuple[int, ...], count: int, salt: int) -> np.ndarray:
     """The rounding draws as ``dither_bits``' docstring writes them, in NumPy:
-    the element's row-major position and a key of the count and the salt,
-    mixed by two multiply-xorshift rounds (uint32 arithmetic, wrapping)."""
+    the element's row-major position and a key of the count and the salt
+    (mixed by lowbias32), mixed by one multiply-xorshift round (uint32
+    arithmetic, wrapping)."""
+
+    def lowbias32(x):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+
     with np.errstate(over="ignore"):
         position = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
-        key = np.uint32(count) * np.uint32(0x85EBCA77) + np.uint32(
-            (salt * 0xC2B2AE3D) % 2**32
+        key = lowbias32(
+            np.uint32(count) * np.uint32(0x85EBCA77)
+            + np.uint32((salt * 0xC2B2AE3D) % 2**32)
         )
         h = (position ^ key) * np.uint32(0x9E3779B1)
-        h ^= h >> np.uint32(15)
-        h *= np.uint32(0x846CA68B)
-        return h ^ (h >> np.uint32(16))
+        return h ^ (h >> np.uint32(13))
 
 
 @pytest.mark.parametrize(
@@ -121,6 +129,50 @@ def test_rounding_draws_are_the_hash_of_the_row_major_position(shape):
     # does not.
     draws = jax.jit(lambda c: q8.dither_bits(shape, c, 3))(jnp.int32(5))
     np.testing.assert_array_equal(np.asarray(draws), reference_dither(shape, 5, 3))
+
+
+def test_stochastic_codes_round_up_with_the_chance_of_the_fraction():
+    """``u`` three tenths of a step above its code 212 (``2**-3 * (1 + 5/16)``
+    of its block's scale) and ``m / u = 40.3 / 127``: over 256K elements
+    each code rounds up in 30% of them, the two independently, and over 400
+    steps each element rounds up in 30% of them (binomially spread: the
+    draws of one element are not the same from step to step)."""
+    u_value = 2.0**-3 * (1 + 5.3 / 16)
+    u = np.full((64, 4096), u_value, np.float32)
+    u[:, ::BLOCK] = 1.0  # each block's scale
+    m = (u * np.float32(40.3 / 127)).astype(np.float32)
+    inside = np.ones(u.shape, bool)
+    inside[:, ::BLOCK] = False
+    scale = jnp.ones((64, 4096 // BLOCK))
+
+    @jax.jit
+    def codes(count, m, u):
+        return q8.encode(m, u, scale, q8.dither_bits(m.shape, count, 0))
+
+    k, j = split_codes(codes(jnp.int32(7), jnp.asarray(m), jnp.asarray(u)))
+    k, j = k[inside], j[inside]
+    assert set(np.unique(k)) == {212, 213} and set(np.unique(j)) == {40, 41}
+    u_up, m_up = k == 213, j == 41
+    assert abs(u_up.mean() - 0.3) < 0.005 and abs(m_up.mean() - 0.3) < 0.005
+    assert abs((u_up & m_up).mean() - 0.09) < 0.005
+
+    few_m, few_u = jnp.asarray(m[:4, :BLOCK]), jnp.asarray(u[:4, :BLOCK])
+    few_scale = jnp.ones((4, 1))
+
+    @jax.jit
+    def steps(counts):
+        def one(count):
+            moments = q8.encode(
+                few_m, few_u, few_scale, q8.dither_bits(few_m.shape, count, 0)
+            )
+            return moments.codes
+        return jax.vmap(one)(counts)
+
+    words = np.asarray(steps(jnp.arange(1, 401))).astype(np.int64)[:, :, 1:]
+    for up in ((words >> 8) == 213, (words & 0xFF) == 41):
+        per_element = up.mean(axis=0)  # over the 400 steps
+        assert abs(per_element.mean() - 0.3) < 0.01
+        assert 0.017 < per_element.std() < 0.03  # binomial: 0.023
 
 
 def test_block_maxima_of_every_sign_and_special_value():
