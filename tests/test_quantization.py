@@ -166,6 +166,7 @@ def test_stochastic_codes_round_up_with_the_chance_of_the_fraction():
                 few_m, few_u, few_scale, q8.dither_bits(few_m.shape, count, 0)
             )
             return moments.codes
+
         return jax.vmap(one)(counts)
 
     words = np.asarray(steps(jnp.arange(1, 401))).astype(np.int64)[:, :, 1:]
