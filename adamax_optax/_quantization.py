@@ -204,8 +204,8 @@ def encode(
     if dither is None:
         u_dither, m_dither = jnp.uint32(1 << (_SHIFT - 1)), 0.0
     else:
-        # u's draw: the 19 bits below its code's; m's: the bits as a signed
-        # number, scaled to [-1/2, 1/2) (one conversion, no mask).
+        # u's draw: the 19 bits below its code's; m's: the 32 bits as a
+        # signed number, scaled to [-1/2, 1/2] (one conversion, no mask).
         u_dither = dither & jnp.uint32((1 << _SHIFT) - 1)
         signed = jax.lax.bitcast_convert_type(dither, jnp.int32)
         m_dither = signed.astype(jnp.float32) * 2.0**-32
@@ -214,19 +214,23 @@ def encode(
     kept = ((ratio_bits + u_dither) >> _SHIFT).astype(jnp.int32) - _BASE
     u_codes = jnp.clip(kept, 0, TOP_CODE)
     # m's code is its ratio to u itself (not to u's code): decoded, m / u
-    # keeps Adamax's direction whatever the rounding of u. u = 0 only where
-    # m = 0 (Adamax bounds m by u), whose ratio 0 / 0 is NaN: whatever code
-    # that makes, u's code 0 reads m back as 0. (No select before the
-    # division, and a subnormal u, on a backend that keeps them, divides
-    # exactly.)
+    # keeps Adamax's direction whatever the rounding of u. An update makes
+    # u = 0 only where m = 0 (Adamax bounds m by u), whose ratio 0 / 0 is NaN;
+    # whatever code that, or any m over u = 0, makes, u's code 0 reads m back
+    # as 0. (No select before the division, and a subnormal u, on a backend
+    # that keeps them, divides exactly.)
     ratio = m / u
     m_code = jnp.clip(ratio * RATIO_CODES + m_dither, -RATIO_CODES, RATIO_CODES)
     # The addition of ``_WHOLE_NUMBER_BIAS`` rounds the code to a whole number
-    # (to nearest, ties to even) in the low byte of its bits: with ``d``
-    # uniform in [-1/2, 1/2) that is ``floor(x + d + 1/2)``, up with the
-    # chance of ``x``'s fraction. (A float-to-int conversion is guarded by XLA
-    # against NaN and overflow, four more operations an element. A NaN code,
-    # from a moment that is not finite, is replaced below.)
+    # (to nearest, ties to even) in the low byte of its bits: ``round(x + d)``
+    # for ``d`` uniform in [-1/2, 1/2] rounds up with the chance of ``x``'s
+    # fraction, as ``floor(x + d + 1/2)`` does, but for the draws whose sum
+    # ``x + d``, rounded to float32, lands on a tie (a draw within half a
+    # float32 step of +-1/2: about 4e-6 of the draws at |x| near 127, fewer
+    # below), which goes to the even neighbour. The clip comes first, so no
+    # tie reaches the NaN mark. (A floor costs an operation an element, a
+    # float-to-int conversion, which XLA guards against NaN and overflow, four.
+    # A NaN code, from a moment that is not finite, is replaced below.)
     m_bits = jax.lax.bitcast_convert_type(m_code + _WHOLE_NUMBER_BIAS, jnp.int32)
     m_byte = jnp.where(jnp.isfinite(m), m_bits & 0xFF, NONFINITE_CODE & 0xFF)
     codes = (u_codes << 8) | m_byte
@@ -335,27 +339,24 @@ def dither_bits(shape: tuple[int, ...], count: jax.Array, salt: int = 0) -> jax.
     position (its row-major index in ``shape``, modulo 2**32), ``count`` and
     ``salt`` (a leaf's index, so that leaves of one shape do not round alike).
 
-    With uint32 arithmetic that wraps, and ``lowbias32`` Wellons' mix of one
-    number (``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B;
-    x ^= x >> 16``)::
+    With ``key = count * 0x85EBCA77 + salt * 0xC2B2AE3D`` and uint32 arithmetic
+    that wraps::
 
-        key = lowbias32(count * 0x85EBCA77 + salt * 0xC2B2AE3D)
         h = (position ^ key) * 0x9E3779B1
-        bits = h ^ (h >> 13)
+        h = (h ^ (h >> 15)) * 0x846CA68B
+        bits = h ^ (h >> 16)
 
-    The key is one number a step, mixed once; each element takes one
-    multiply and one xorshift. The encoding draws ``u``'s rounding from the
-    low 19 bits (which the shift by 13 mixes with the high ones) and ``m``'s
-    from the high bits, independently of each other and from one step to the
-    next (tested). A second round for every element (the 2026-12-07 build's)
-    measured 13% of the 8-bit advance on XLA:CPU, its other operations
-    competing for AVX2's 16 registers; an unmixed key made each element's
-    draws of successive steps correlate (a Weyl sequence). The same for the
-    same step, different from one step to the next."""
-    key = _lowbias32(
-        count.astype(jnp.uint32) * jnp.uint32(0x85EBCA77)
-        + jnp.uint32((salt * 0xC2B2AE3D) % 2**32)
-    )
+    xxHash32's primes, mixed as Wellons' lowbias32 mixes, less its first shift
+    and with the combining multiply as its first round: two multiplies (the
+    2026-12-03 build took three, a combining multiply and the whole of
+    lowbias32; two measured 8% faster in the update step on XLA:CPU). The same
+    for the same step, different from one step to the next. The encoding
+    draws ``u``'s rounding from the low 19 bits and ``m``'s from the 32 bits
+    read as a signed number; the two are independent, between elements and
+    from step to step (tested). One round (a multiply and a xorshift) was 3%
+    to 7% faster in the 8-bit advance, but drew alike for elements some
+    strides apart (a correlation of 0.8 at one stride below 1200: the
+    multiply of a run of positions is a Weyl sequence)."""
     position = _last_axis_position(shape)
     stride = shape[-1]
     for axis in range(len(shape) - 2, -1, -1):
@@ -363,12 +364,10 @@ def dither_bits(shape: tuple[int, ...], count: jax.Array, salt: int = 0) -> jax.
             jnp.uint32, shape, axis
         ) * jnp.uint32(stride % 2**32)
         stride *= shape[axis]
+    key = count.astype(jnp.uint32) * jnp.uint32(0x85EBCA77) + jnp.uint32(
+        (salt * 0xC2B2AE3D) % 2**32
+    )
     h = (position ^ key) * jnp.uint32(0x9E3779B1)
-    return h ^ (h >> 13)
-
-
-def _lowbias32(x: jax.Array) -> jax.Array:
-    """Wellons' lowbias32 mix of uint32 ``x`` (wrapping arithmetic)."""
-    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
-    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
