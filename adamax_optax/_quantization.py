@@ -27,11 +27,11 @@ one pass reads and writes each element's state.
 Both are integer arithmetic on the float's bits (no logarithm), which XLA
 fuses into one pass. Codes are rounded stochastically, up with the chance of
 the fraction (``floor(x + d)``, ``d`` uniform in [0, 1)), so that changes
-smaller than a code still happen on average: ``u``'s decay, 0.1% a step and a 60th of a
-code's width, and ``m``'s decay to 0 when the gradient vanishes (rounded to
-nearest, ``m / u`` would stop at 5/127 and move the parameter for good); ``d``
-is a hash of the element's position and the update count, reproducible and
-free of any key. The block scale follows the float rule exactly,
+smaller than a code still happen on average: ``u``'s decay, 0.1% a step and
+a 60th of a code's width, and ``m``'s decay to 0 when the gradient vanishes
+(rounded to nearest, ``m / u`` would stop at 5/127 and move the parameter
+for good); ``d`` is a hash of the element's position and the update count,
+reproducible and free of any key. The block scale follows the float rule exactly,
 ``scale = maximum(beta_2 * scale, max(|g|))``, over the finite ``g``.
 
 A NaN or an infinity in a gradient makes that element's moments NaN for good

@@ -481,7 +481,8 @@ def test_nonfinite_float_moments_encode_as_nan():
 def test_encoding_a_float_pair_with_u_of_zero_or_below_reads_as_zeros():
     """A float state's ``u`` of 0, -0.0 or below 0 (no Adamax state holds one
     below 0) beside any ``m``: read back as ``m = u = 0``, the rest of the
-    block as the NumPy reference encodes it."""
+    block as the NumPy reference encodes it; ``u = -inf`` is marked, as any
+    moment that is not finite."""
     m, u = sample((2, 512), seed=4)
     bad_m, bad_u = m.copy(), u.copy()
     cells = [(0, 3), (0, 4), (1, 5), (1, 6), (1, 7)]
@@ -505,6 +506,16 @@ def test_encoding_a_float_pair_with_u_of_zero_or_below_reads_as_zeros():
     k_ref, _, scale_ref = reference_encode(zeroed_m, zeroed_u)
     u_ref = reference_decode_u(k_ref, np.repeat(scale_ref, BLOCK, axis=-1))
     np.testing.assert_allclose(u_back, u_ref, rtol=1e-6)
+    # an infinite u below 0 is not finite: marked, as any infinity is
+    bad_u[1, 9] = -np.inf
+    moments, _ = encoded_moments(
+        {"w": jnp.asarray(bad_m)},
+        {"w": jnp.asarray(bad_u)},
+        {"w": q8.zeros((2, 512), BLOCK)},
+    )
+    m_marked, u_marked = map(np.asarray, q8.decode(moments["w"]))
+    assert np.isnan(m_marked[1, 9]) and np.isnan(u_marked[1, 9])
+    assert np.sum(np.isnan(u_marked)) == 1
 
 
 def test_migrates_between_float_and_8bit_state():
