@@ -62,12 +62,8 @@ def encoded_moments(m: Any, u: Any, like_m: Any) -> tuple[Any, Any]:
         if not q8.is_8bit(like):
             return _Moments(m, u)
         m, u = jnp.asarray(m, jnp.float32), jnp.asarray(u, jnp.float32)
-        # A finite u of 0, -0.0 or below (no Adamax state holds one below 0)
-        # is read as 0, whose m is 0: the encoding divides m by u.
-        kept = (u > 0) | ~jnp.isfinite(u)
-        m, u = jnp.where(kept, m, 0.0), jnp.where(kept, u, 0.0)
+        m, u = q8.encodable(m, u)
         scale = q8.finite_block_max_abs(u, like.block)  # a NaN reads back as NaN
-        m = q8.mark_nonfinite(m, u)
         return _Moments(q8.encode(m, u, scale), optax.MaskedNode())
 
     pairs = jax.tree.map(encode, m, u, like_m, is_leaf=q8.is_8bit)

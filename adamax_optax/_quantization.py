@@ -192,7 +192,7 @@ def encode(
     block's largest ``u``); ``dither``: 32 random bits per element
     (:func:`dither_bits`) for stochastic rounding, ``None`` for round to
     nearest. A moment that is not finite is marked where ``m`` is not finite:
-    Adamax's ``m`` is wherever its ``u`` is (:func:`mark_nonfinite` makes a
+    Adamax's ``m`` is wherever its ``u`` is (:func:`encodable` makes a
     pair from elsewhere so), and overflows alone (a finite gradient near
     float32's largest against an ``m`` of the other sign)."""
     block = u.shape[-1] // scale.shape[-1]
@@ -237,10 +237,15 @@ def encode(
     return Moments8Bit(codes.astype(jnp.uint16), scale)
 
 
-def mark_nonfinite(m: jax.Array, u: jax.Array) -> jax.Array:
-    """``m``, NaN where ``u`` is not finite: the form :func:`encode` reads a
-    pair in (it marks a moment that is not finite by its ``m``)."""
-    return jnp.where(jnp.isfinite(u), m, jnp.nan)
+def encodable(m: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A float pair from elsewhere (a float state) in the form :func:`encode`
+    reads: ``m`` NaN where ``u`` is not finite (it marks a moment that is not
+    finite by its ``m``), and a finite ``u`` of 0, -0.0 or below (no Adamax
+    state holds one below 0) read as 0 with its ``m`` (it divides ``m`` by
+    ``u``)."""
+    kept = (u > 0) | ~jnp.isfinite(u)
+    m, u = jnp.where(kept, m, 0.0), jnp.where(kept, u, 0.0)
+    return jnp.where(jnp.isfinite(u), m, jnp.nan), u
 
 
 def maximum_of_nonnegative(a: jax.Array, b: jax.Array) -> jax.Array:
