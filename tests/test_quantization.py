@@ -452,6 +452,15 @@ def test_m_overflowing_alone_is_marked_as_float_state_overflows():
     assert np.all(np.isnan(m_8bit)) and np.all(np.isnan(u_8bit))
 
 
+def migrated_and_read_back(m: np.ndarray, u: np.ndarray):
+    """Float moments of shape ``(2, 512)`` encoded as ``migrate_state``
+    encodes them, and decoded: ``(m, u)`` as NumPy arrays."""
+    moments, _ = encoded_moments(
+        {"w": jnp.asarray(m)}, {"w": jnp.asarray(u)}, {"w": q8.zeros((2, 512), BLOCK)}
+    )
+    return tuple(map(np.asarray, q8.decode(moments["w"])))
+
+
 def test_nonfinite_float_moments_encode_as_nan():
     """``migrate_state`` from a float state whose moments hold a NaN or an
     infinity: those elements read back as NaN, the rest of their block as
@@ -461,12 +470,7 @@ def test_nonfinite_float_moments_encode_as_nan():
     bad_m[1, 3], bad_u[1, 3] = np.nan, np.nan
     bad_u[0, 7] = np.inf
     bad_m[0, 20] = -np.inf  # beside a finite u
-    moments, _ = encoded_moments(
-        {"w": jnp.asarray(bad_m)},
-        {"w": jnp.asarray(bad_u)},
-        {"w": q8.zeros((2, 512), BLOCK)},
-    )
-    m_back, u_back = map(np.asarray, q8.decode(moments["w"]))
+    m_back, u_back = migrated_and_read_back(bad_m, bad_u)
     finite_u = np.where(np.isfinite(bad_u), bad_u, 0)
     k_ref, _, scale_ref = reference_encode(m, finite_u)
     u_ref = reference_decode_u(k_ref, np.repeat(scale_ref, BLOCK, axis=-1))
@@ -492,12 +496,7 @@ def test_encoding_a_float_pair_with_u_of_zero_or_below_reads_as_zeros():
         strict=True,
     ):
         bad_m[row, col], bad_u[row, col] = m_value, u_value
-    moments, _ = encoded_moments(
-        {"w": jnp.asarray(bad_m)},
-        {"w": jnp.asarray(bad_u)},
-        {"w": q8.zeros((2, 512), BLOCK)},
-    )
-    m_back, u_back = map(np.asarray, q8.decode(moments["w"]))
+    m_back, u_back = migrated_and_read_back(bad_m, bad_u)
     for cell in cells:
         assert m_back[cell] == 0 and u_back[cell] == 0, cell
     zeroed_m, zeroed_u = bad_m.copy(), bad_u.copy()
@@ -508,12 +507,7 @@ def test_encoding_a_float_pair_with_u_of_zero_or_below_reads_as_zeros():
     np.testing.assert_allclose(u_back, u_ref, rtol=1e-6)
     # an infinite u below 0 is not finite: marked, as any infinity is
     bad_u[1, 9] = -np.inf
-    moments, _ = encoded_moments(
-        {"w": jnp.asarray(bad_m)},
-        {"w": jnp.asarray(bad_u)},
-        {"w": q8.zeros((2, 512), BLOCK)},
-    )
-    m_marked, u_marked = map(np.asarray, q8.decode(moments["w"]))
+    m_marked, u_marked = migrated_and_read_back(bad_m, bad_u)
     assert np.isnan(m_marked[1, 9]) and np.isnan(u_marked[1, 9])
     assert np.sum(np.isnan(u_marked)) == 1
 
