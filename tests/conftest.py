@@ -57,6 +57,21 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# The modules whose tests run for tens of seconds (scripts in fresh processes:
+# the demo, 8-device meshes, two processes) start first, so that neither xdist
+# worker is left running one at the end while the other waits.
+LONG_FIRST = (
+    "test_sharding.py",
+    "test_readme.py",
+    "test_demo.py",
+    "test_multiprocess.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable
+
+
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")

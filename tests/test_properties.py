@@ -75,12 +75,12 @@ def test_every_step_is_within_the_adamax_bound(beta_1, gap, lr, grads):
     state_dtype=st.sampled_from([None, jnp.float32]),
 )
 def test_shapes_and_dtypes_are_kept(config, leaf_shapes, dtype, state_dtype):
-    params = [jnp.ones(s, dtype) for s in leaf_shapes]
+    # Shapes and dtypes are what tracing gives (``test_no_recompilation...``
+    # checks that eager values are what ``jit`` computes): nothing is compiled.
+    params = [jax.ShapeDtypeStruct(s, dtype) for s in leaf_shapes]
     tx = adamax(**config, state_dtype=state_dtype)
-    state = tx.init(params)
-    updates, new_state = tx.update(
-        [jnp.full(s, 0.5, dtype) for s in leaf_shapes], state, params
-    )
+    state = jax.eval_shape(tx.init, params)
+    updates, new_state = jax.eval_shape(tx.update, params, state, params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
     for u, p in zip(updates, params, strict=True):
         assert u.shape == p.shape and u.dtype == p.dtype
