@@ -36,7 +36,9 @@ class ScaleByKerasAdamaxState(NamedTuple):
     def moments(self) -> tuple[optax.Updates, optax.Updates]:
         """``(m, u)`` as float arrays, 8-bit leaves decoded to float32, each a
         tree of the parameters' structure (a grouped state read per leaf)."""
-        m, u = decoded_moments(self.m, self.u)
+        # One compiled program: eagerly, each operation of the decoding would
+        # compile on its own for every leaf shape (16 shapes: 9.9 s on a CPU).
+        m, u = jax.jit(decoded_moments)(self.m, self.u)
         return _grouping.ungroup(m), _grouping.ungroup(u)
 
 
