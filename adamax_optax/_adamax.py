@@ -20,8 +20,10 @@ class ScaleByKerasAdamaxState(NamedTuple):
     Attributes:
       count: number of updates applied so far (int32); the next update uses
         ``t = count + 1`` for its bias correction.
-      m: first moment, one leaf per parameter.
-      u: exponentially weighted infinity norm, one leaf per parameter.
+      m: first moment, one leaf per parameter (in a model with 64 or more
+        small leaves of one shape, those are stacked into one ``Grouped``
+        part each: :meth:`moments` reads them per parameter).
+      u: exponentially weighted infinity norm, laid out as ``m``.
 
     With ``quantized_state=True`` a large leaf's ``m`` holds both its moments
     in 8 bits each (``Moments8Bit``: a 16-bit word an element and a float32

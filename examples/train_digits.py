@@ -13,9 +13,12 @@ weights on the same batches three times, with the same Keras options:
 
 Beside them, Keras and the optax setup run once more, each with its own state and
 weights but fed adamax_optax's gradients at every step: that is where the parity
-shows, Keras staying within the tolerance ``1e-6 * (1 + max|w|)`` of adamax_optax
-over the whole run, the optax setup about 1e-2 away. The free runs drift apart
-further, as float32 runs on their own gradients do. It prints a short table per
+shows, Keras within ``2e-7 * (1 + max|w|)`` of adamax_optax after the first epoch
+(the tests' tolerance is ``1e-6 * (1 + max|w|)`` after 50 updates), the optax setup
+about 1e-2 away. The two round each update differently in its last bit, and over
+the whole run those differences add up as a random walk does (about 1e-6 after 660
+updates). The free runs drift apart further, as float32 runs on their own
+gradients do. It prints a short table per
 epoch (mean training loss, test accuracy, the largest parameter differences) and
 draws the curves. Its dependencies (Flax, Keras,
 scikit-learn, tqdm, matplotlib) are the ``demo`` extra.
@@ -581,11 +584,19 @@ def summarize(history: dict[str, Any]) -> None:
         print(f"  of the EMA weights: {', '.join(averages)}")
     if "same_gradients" in history:
         same = history["same_gradients"]
+        first = history["updates"] // len(same["Keras"])
         print(
-            f"fed the same gradients: Keras within {max(same['Keras']):.1e} x "
-            f"(1 + max|w|) of adamax_optax (parity: 1e-6),"
+            f"fed the same gradients: Keras within {same['Keras'][0]:.1e} x "
+            f"(1 + max|w|) of adamax_optax after {first} updates"
         )
-        print(f"  the nearest optax setup {max(same['optax']):.1e} away.")
+        print(
+            f"  (parity: 1e-6 after 50), {max(same['Keras']):.1e} over all "
+            f"{history['updates']}: each update rounds its last bit"
+        )
+        print(
+            "  differently, and those differences add up over a run; the nearest "
+            f"optax setup {max(same['optax']):.1e} away."
+        )
         print(
             f"run freely: Keras {max(history['keras_difference']):.1e} away, each "
             "run on its own gradients (float32"
@@ -647,7 +658,7 @@ def draw(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:
                 color="C1",
                 label="Keras EMA, free",
             )
-        axes[2].axhline(1e-6, color="k", lw=0.8, label="parity tolerance")
+        axes[2].axhline(1e-6, color="k", lw=0.8, label="parity tolerance, 50 updates")
         axes[2].set(
             title="Parameters against adamax_optax's",
             xlabel="epoch",
