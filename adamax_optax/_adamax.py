@@ -85,6 +85,7 @@ def scale_by_keras_adamax(
     state_dtype: DTypeLike | None = None,
     quantized_state: bool = False,
     quantized_block_size: int | None = None,
+    full_precision_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by the Adamax rule exactly as Keras computes it.
 
@@ -107,7 +108,8 @@ def scale_by_keras_adamax(
     like Keras, the direction is computed from the stored (rounded) ``m`` and
     ``u``. Given ``params``, each update is first cast to its parameter's
     dtype, as Keras casts a gradient to its variable's in the step, and the
-    direction comes back in it; without, in the dtype of the incoming update.
+    direction comes back in it (with ``full_precision_updates``, in the
+    arithmetic's dtype); without, in the dtype of the incoming update.
 
     Complex parameters: ``abs(g)`` is the modulus, so ``u`` is real and is
     stored in the parameter's real dtype (``float32`` for ``complex64``): it
@@ -134,6 +136,10 @@ def scale_by_keras_adamax(
         one scale, a positive integer (``None``: 256): the block of a leaf is
         the largest divisor of its last axis up to this (of each shard's part
         of it, where the parameter's sharding is explicit).
+      full_precision_updates: return each direction in the arithmetic's dtype
+        (float32 for bfloat16 and float16 parameters) instead of rounding it
+        to the parameter's, for a later stage that rounds the new parameter
+        itself (:func:`stochastic_rounding`, which ``adamax`` sets it for).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` that is also a block (see
@@ -159,6 +165,7 @@ def scale_by_keras_adamax(
     _validation.check_non_negative("epsilon", epsilon)
     _validation.check_state_dtype(state_dtype)
     _validation.check_bool("quantized_state", quantized_state)
+    _validation.check_bool("full_precision_updates", full_precision_updates)
     if quantized_block_size is None:
         quantized_block_size = q8.DEFAULT_BLOCK_SIZE
     _validation.check_integer_at_least(
@@ -335,7 +342,8 @@ def scale_by_keras_adamax(
             bias_correction, eps = scalars(real)
             denominator = bias_correction * (u.astype(real) + eps)
             direction = _common.divide_by_real(m.astype(dtype), denominator)
-            return _common.sharded_like(direction.astype(g.dtype), g)
+            out = dtype if full_precision_updates else g.dtype
+            return _common.sharded_like(direction.astype(out), g)
 
         m, u = decoded_moments(new_state.m, new_state.u)
         return jax.tree.map(direction, updates, m, u)

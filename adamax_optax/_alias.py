@@ -188,7 +188,8 @@ def adamax(
       stochastic_rounding: beyond Keras, off by default: round each new
         bfloat16 or float16 parameter up or down at random, so that updates
         below half a unit in its last place still move it on average (see
-        :func:`stochastic_rounding`). Float32 parameters are unaffected.
+        :func:`stochastic_rounding`); the update is computed and handed to it
+        in float32. Float32 parameters are unaffected.
       rounding_seed: with ``stochastic_rounding``, the seed of its key (kept
         in the state), an integer in ``[0, 2**32)``, or ``None`` for 0.
       gating: an expert setting, for measuring: how a call that leaves the
@@ -246,6 +247,9 @@ def adamax(
                 state_dtype=state_dtype,
                 quantized_state=quantized_state,
                 quantized_block_size=quantized_block_size,
+                # Stochastic rounding rounds the new parameter itself: the
+                # update reaches it unrounded, through decay and the rate.
+                full_precision_updates=bool(stochastic_rounding),
             ),
         ),
     ]

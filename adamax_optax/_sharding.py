@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from adamax_optax import _common, _grouping, _quantization
+from adamax_optax._stochastic_rounding import StochasticRoundingState
 
 
 def state_shardings(
@@ -33,7 +34,8 @@ def state_shardings(
     * a leaf already sharded on other mesh axes keeps them (FSDP plus ZeRO); one
       already split over ``axis_name`` is kept as it is;
     * scalars, and leaves with no dimension the axis size divides, stay
-      replicated over ``axis_name``.
+      replicated over ``axis_name``, as does the key of
+      :func:`stochastic_rounding` (a key's data is never split).
 
     A leaf's existing sharding is read from the leaf itself. Under ``Explicit``
     mesh axes ``jax.eval_shape(tx.init, params)`` carries the parameters'
@@ -87,6 +89,8 @@ def state_shardings(
     def sharding(leaf: Any, base: Any = None) -> Any:
         if isinstance(leaf, optax.MaskedNode):  # an EMA leaf left out
             return leaf
+        if isinstance(leaf, StochasticRoundingState):
+            return StochasticRoundingState(NamedSharding(mesh, PartitionSpec()))
         if _quantization.is_8bit(leaf):  # codes and scales split alike
             blocks = np.shape(leaf.scale)
             spec = split_spec(
@@ -124,7 +128,11 @@ def state_shardings(
                 break
         return spec
 
-    is_node = lambda x: isinstance(x, optax.MaskedNode) or _quantization.is_8bit(x)  # noqa: E731
+    def is_node(x: Any) -> bool:
+        return isinstance(
+            x, (optax.MaskedNode, StochasticRoundingState)
+        ) or _quantization.is_8bit(x)
+
     if optimizer is None:
         return jax.tree.map(sharding, opt_state, is_leaf=is_node)
     # Each state leaf that mirrors a parameter starts from its sharding; a

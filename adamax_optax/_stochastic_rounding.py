@@ -38,6 +38,10 @@ def round_stochastically(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     return jnp.where(draw < chance, other, near)
 
 
+IMPLEMENTATION = "threefry2x32"
+"""The key's PRNG, whatever ``jax_default_prng_impl`` says: a seed gives the
+same draws everywhere, and the state holds ``uint32[2]``."""
+
 SEEDS = 2**32
 """``rounding_seed`` takes the seeds ``0 <= seed < SEEDS``."""
 
@@ -57,9 +61,13 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformationExtraArgs:
     loses, moves the parameter by its size on average. Other parameters'
     updates pass unchanged.
 
-    The key is ``seed``'s, split once per update, and part of the state.
-    Place it after the transformations that make the update and before
-    :func:`parameter_ema`, which then averages the parameters as rounded.
+    The key is ``seed``'s (threefry, whatever jax's default PRNG), split once
+    per update, and part of the state. Place it after the transformations that
+    make the update and before :func:`parameter_ema`, which then averages the
+    parameters as rounded; hand it the update in float32
+    (``scale_by_keras_adamax(..., full_precision_updates=True)``, as
+    ``adamax(..., stochastic_rounding=True)`` does): an update already rounded
+    to the parameter's dtype has lost what rounding to nearest loses.
 
     Args:
       seed: an integer in ``[0, 2**32)``, the seed of the key.
@@ -100,16 +108,18 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformationExtraArgs:
                 "`stochastic_rounding=True` has no effect: no parameter is "
                 f"bfloat16 or float16 (they are {sorted(d.name for d in dtypes)})."
             )
-        return StochasticRoundingState(jax.random.key_data(jax.random.key(seed)))
+        key = jax.random.key(seed, impl=IMPLEMENTATION)
+        return StochasticRoundingState(jax.random.key_data(key))
 
     def advance(updates, state, params=None):
         del updates, params
-        key = jax.random.wrap_key_data(state.key)
+        key = jax.random.wrap_key_data(state.key, impl=IMPLEMENTATION)
         return StochasticRoundingState(jax.random.key_data(jax.random.split(key)[0]))
 
     def emit(updates, new_state, params=None):
         _common.require_params(params, "stochastic_rounding", updates, "updates")
-        key = jax.random.fold_in(jax.random.wrap_key_data(new_state.key), 1)
+        key = jax.random.wrap_key_data(new_state.key, impl=IMPLEMENTATION)
+        key = jax.random.fold_in(key, 1)
         leaves, treedef = jax.tree.flatten(updates)
         rounded = []
         for index, (u, p) in enumerate(
@@ -122,8 +132,11 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformationExtraArgs:
             before = jnp.asarray(p).astype(jnp.float32)
             after = round_stochastically(
                 before + u.astype(jnp.float32), dtype, jax.random.fold_in(key, index)
-            )
-            rounded.append((after.astype(jnp.float32) - before).astype(u.dtype))
+            ).astype(jnp.float32)
+            # An unchanged parameter (an infinite one among them, whose
+            # difference would be NaN) gets a zero update.
+            step = jnp.where(after == before, 0.0, after - before)
+            rounded.append(step.astype(dtype))
         return treedef.unflatten(rounded)
 
     return _runner.from_phases(init_fn, advance, emit)

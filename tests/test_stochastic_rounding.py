@@ -9,7 +9,13 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from adamax_optax import ParameterEMAState, adamax
+from adamax_optax import (
+    ParameterEMAState,
+    adamax,
+    decoupled_weight_decay,
+    scale_by_keras_adamax,
+    scale_by_keras_learning_rate,
+)
 from adamax_optax._common import find_states
 from adamax_optax._stochastic_rounding import (
     StochasticRoundingState,
@@ -158,3 +164,77 @@ def test_the_ema_averages_the_rounded_weights():
     ema = np.asarray(find_states(state, ParameterEMAState)[0].ema, np.float32)
     np.testing.assert_array_equal(ema, np.asarray(params, np.float32))
     assert abs(float(ema.mean()) - (1.5 - 100 * lr)) < 0.005
+
+
+def test_float16_updates_below_its_smallest_step_are_not_lost():
+    # At 2**-10 float16's unit is 2**-20 (about 9.5e-7); an update of 2.5e-8 is
+    # below float16's smallest subnormal, so rounded to float16 before the
+    # rounding it would be 0. Computed in float32, it moves the parameter by
+    # its size on average.
+    start = jnp.full(4096, 2.0**-10, jnp.float16)
+    lr, f32 = 2.5e-8, jnp.float32
+    nearest, _ = train(adamax(lr, state_dtype=f32), start, 1000)
+    stochastic, _ = train(
+        adamax(lr, state_dtype=f32, stochastic_rounding=True), start, 1000
+    )
+    np.testing.assert_array_equal(nearest, start)
+    moved = 2.0**-10 - float(np.mean(np.asarray(stochastic, np.float64)))
+    # Each element moves by 1000 coin flips of one unit: the mean of 4096 is
+    # within 5% of 1000 * lr (about 5 sigma).
+    assert abs(moved / (1000 * lr) - 1) < 0.05
+
+
+def test_the_update_reaches_the_rounding_in_float32():
+    # The first step from a NumPy reference (m = (1 - b1) g, u = |g|): the
+    # decay, far below bfloat16's unit beside the direction, is kept.
+    params = jnp.asarray([1.5, -0.75, 3.0, 0.1], jnp.bfloat16)
+    grads = jnp.asarray([0.3, -2.0, 1e-3, 5.0], jnp.float32)
+    lr, wd = 1e-3, 2e-3
+    tx = optax.chain(
+        scale_by_keras_adamax(state_dtype=jnp.float32, full_precision_updates=True),
+        decoupled_weight_decay(wd),
+        scale_by_keras_learning_rate(lr),
+    )
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert updates.dtype == jnp.float32
+    g = np.asarray(grads.astype(jnp.bfloat16), np.float64)  # Keras' cast
+    w = np.asarray(params, np.float64)
+    expected = -lr * (g / (np.abs(g) + 1e-7) + wd * w)
+    np.testing.assert_allclose(np.asarray(updates), expected, rtol=1e-6)
+    # Without it, in the parameter's dtype: the first element's decay, 0.3% of
+    # its direction, is below bfloat16's unit (0.8%) there and is lost.
+    plain = optax.chain(
+        scale_by_keras_adamax(state_dtype=jnp.float32),
+        decoupled_weight_decay(wd),
+        scale_by_keras_learning_rate(lr),
+    )
+    rounded, _ = plain.update(grads, plain.init(params), params)
+    assert rounded.dtype == jnp.bfloat16
+    assert float(rounded[0]) == float(jnp.asarray(-lr, jnp.bfloat16))
+
+
+def test_infinite_and_nan_parameters_stay_as_they_are():
+    params = jnp.asarray([np.inf, -np.inf, np.nan, 1.5], jnp.bfloat16)
+    grads = jnp.ones(4)
+    for options in ({}, {"stochastic_rounding": True}):
+        tx = adamax(0.05, **options)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        new = np.asarray(optax.apply_updates(params, updates), np.float32)
+        np.testing.assert_array_equal(new[:3], [np.inf, -np.inf, np.nan])
+        assert 1.44 < new[3] < 1.46  # 1.5 - 0.05, to one of bfloat16's neighbours
+
+
+def test_the_key_is_threefry_whatever_the_default_prng():
+    params = jnp.full(512, 1.5, jnp.bfloat16)
+    tx = adamax(ULP / 4, stochastic_rounding=True, rounding_seed=7)
+    expected, _ = train(tx, params, 3)
+    previous = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        state = tx.init(params)
+        key = find_states(state, StochasticRoundingState)[0].key
+        assert key.shape == (2,) and key.dtype == jnp.uint32
+        ours, _ = train(tx, params, 3)
+    finally:
+        jax.config.update("jax_default_prng_impl", previous)
+    np.testing.assert_array_equal(ours, expected)

@@ -154,7 +154,32 @@ def main() -> None:
     quantized_tensor_parallel()
     quantized_blocks_across_shards()
     migrated_to_another_tensor_parallel_degree()
+    stochastic_rounding_key_whole()
     print("ZERO OK")
+
+
+def stochastic_rounding_key_whole() -> None:
+    """The rounding key (``uint32[2]``) is never split, even over a data axis
+    of 2, which divides it: a key's data split across devices is refused by
+    ``jax.random`` under Explicit axes."""
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 64)), jnp.bfloat16)}
+    grads = [{"w": jnp.asarray(rng.normal(size=(16, 64)), jnp.float32)}] * 3
+    tx = adamax(0.05, stochastic_rounding=True, rounding_seed=3)
+    expected = unsharded(tx, params, grads)
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+        with jax.set_mesh(mesh):
+            shardings = state_shardings(jax.eval_shape(tx.init, params), mesh, "data")
+            assert shardings["stochastic_rounding"].key.spec == P()
+            state = jax.jit(tx.init, out_shardings=shardings)(params)
+            step = jax.jit(step_fn(tx), out_shardings=(None, shardings))
+            p = params
+            for g in grads:
+                p, state = step(p, state, g)
+        np.testing.assert_array_equal(
+            np.asarray(p["w"], np.float32), np.asarray(expected[0]["w"], np.float32)
+        )
 
 
 def quantized_zero() -> None:
