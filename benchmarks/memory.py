@@ -102,25 +102,33 @@ def bytes_rows() -> list[dict[str, Any]]:
 
 def speed_rows(total: int, leaves: int, pairs: int) -> list[dict[str, Any]]:
     """Quantized over float32 state: the defaults' step, and the update step
-    (the 4th call) of ``gradient_accumulation_steps=4``."""
-    grads = make_tree(total, leaves, jnp.float32, 0.5)
+    (the 4th call) of ``gradient_accumulation_steps=4``; and bfloat16
+    parameters (and gradients) with ``stochastic_rounding`` over without."""
 
-    def case(name: str, accumulate: bool, **options: Any) -> Case:
+    def case(
+        name: str, accumulate: bool, dtype: Any = jnp.float32, **options: Any
+    ) -> Case:
         steps = dict(gradient_accumulation_steps=4) if accumulate else {}
         tx = adamax(**options, **steps)
-        params = make_tree(total, leaves, jnp.float32, 1.0)
+        params = make_tree(total, leaves, dtype, 1.0)
+        grads = make_tree(total, leaves, dtype, 0.5)
         phase = (micro_step_of, 3) if accumulate else (None, None)
         return Case(name, 0, donated(tx), (params, tx.init(params)), grads, *phase)
 
+    size = f"{total // 2**20}M in {leaves} leaves"
     rows = []
     for label, accumulate in (("defaults", False), ("N=4 update step", True)):
         quantized = case("quantized", accumulate, quantized_state=True)
         plain = case("float32", accumulate, state_dtype=jnp.float32)
         ratio = interleaved_ratio(quantized, plain, pairs)
-        rows.append(
-            dict(case=f"{label}, {total // 2**20}M in {leaves} leaves", **ratio)
-        )
+        compared = "quantized / float32 state"
+        rows.append(dict(case=f"{label}, {size}", compared=compared, **ratio))
         del quantized, plain
+    rounded = case("rounded", False, jnp.bfloat16, stochastic_rounding=True)
+    plain = case("bfloat16", False, jnp.bfloat16)
+    ratio = interleaved_ratio(rounded, plain, pairs)
+    compared = "stochastic_rounding / without"
+    rows.append(dict(case=f"bfloat16 parameters, {size}", compared=compared, **ratio))
     return rows
 
 
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print()
         for r in result["speed"]:
             print(
-                f"{r['case']}: quantized / float32 state = {r['ratio']:.3f} "
+                f"{r['case']}: {r['compared']} = {r['ratio']:.3f} "
                 f"[{r['q25']:.3f}, {r['q75']:.3f}] "
                 f"({r['a_ms']:.1f} / {r['b_ms']:.1f} ms, {r['pairs']} pairs)"
             )

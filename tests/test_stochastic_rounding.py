@@ -17,6 +17,7 @@ from adamax_optax import (
     scale_by_keras_learning_rate,
 )
 from adamax_optax._common import find_states
+from adamax_optax._dither import dither_bits
 from adamax_optax._stochastic_rounding import (
     StochasticRoundingState,
     round_stochastically,
@@ -70,11 +71,51 @@ def test_float16_parameters_too():
 
 def test_rounding_is_unbiased_and_lands_on_neighbours():
     x = jnp.full(100_000, 1.0 + ULP * 0.3, jnp.float32)
-    rounded = round_stochastically(x, jnp.bfloat16, jax.random.key(0))
+    rounded = round_stochastically(x, jnp.bfloat16, dither_bits(x.shape, jnp.uint32(0)))
     values = np.unique(np.asarray(rounded, np.float32))
     np.testing.assert_array_equal(values, [1.0, 1.0 + ULP])
     share_up = float(np.mean(np.asarray(rounded, np.float32) > 1.0))
     assert abs(share_up - 0.3) < 0.01
+
+
+def neighbours(x: float, dtype) -> tuple[float, float]:
+    """The values of ``dtype`` just below and just above ``x`` (NumPy)."""
+    dtype = np.dtype(dtype)
+    near = np.asarray(np.float32(x)).astype(dtype)
+    if float(near) > x:
+        return float(np.nextafter(near, np.asarray(-np.inf, dtype))), float(near)
+    if float(near) < x:
+        return float(near), float(np.nextafter(near, np.asarray(np.inf, dtype)))
+    return float(near), float(near)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+    "x",
+    [
+        1.0 + 2.0**-10,  # within [1, 2)
+        -(1.0 + 2.0**-9),  # negative
+        1.0 - 2.0**-12,  # just below a power of two: a smaller gap
+        0.3 * 2.0**-24,  # float16's subnormals
+        -2.6 * 2.0**-24,
+        0.99 * 2.0**-14,  # float16's largest subnormal and smallest normal
+        -123.456,
+        65490.0,  # float16's largest: 65504
+    ],
+)
+def test_rounding_picks_the_two_neighbours_with_the_chances_of_a_mean_of_x(x, dtype):
+    n = 200_000
+    x32 = float(np.float32(x))
+    low, high = neighbours(x32, dtype)
+    rounded = jax.jit(lambda x, bits: round_stochastically(x, dtype, bits))(
+        jnp.full(n, x32, jnp.float32), dither_bits((n,), jnp.uint32(11))
+    )
+    values = np.asarray(rounded, np.float64)
+    assert set(np.unique(values)) <= {low, high}
+    if high > low:
+        chance = (x32 - low) / (high - low)
+        sigma = (high - low) * np.sqrt(chance * (1 - chance) / n)
+        assert abs(values.mean() - x32) < 5 * sigma + 1e-3 * (high - low)
 
 
 def test_same_seed_same_run_other_seed_other_run():
