@@ -39,23 +39,28 @@ def dither_bits(shape: tuple[int, ...], count: jax.Array, salt: int = 0) -> jax.
     ``salt`` (a leaf's index, so that leaves of one shape do not round alike).
 
     With ``key = count * 0x85EBCA77 + salt * 0xC2B2AE3D`` and uint32 arithmetic
-    that wraps::
+    that wraps, Wellons' triple32 of ``position ^ key``::
 
-        h = (position ^ key) * 0x9E3779B1
-        h = (h ^ (h >> 15)) * 0x846CA68B
-        bits = h ^ (h >> 16)
+        h = position ^ key
+        h = (h ^ (h >> 17)) * 0xED5EB4FB
+        h = (h ^ (h >> 11)) * 0xAC4C1B51
+        h = (h ^ (h >> 15)) * 0x31848BAB
+        bits = h ^ (h >> 14)
 
-    xxHash32's primes, mixed as Wellons' lowbias32 mixes, less its first shift
-    and with the combining multiply as its first round: two multiplies (the
-    2026-12-03 build took three, a combining multiply and the whole of
-    lowbias32; two measured 8% faster in the update step on XLA:CPU). The same
-    for the same step, different from one step to the next. The encoding
-    draws ``u``'s rounding from the low 19 bits and ``m``'s from the 32 bits
-    read as a signed number; the two are independent, between elements and
-    from step to step (tested). One round (a multiply and a xorshift) was 3%
-    to 7% faster in the 8-bit advance, but drew alike for elements some
-    strides apart (a correlation of 0.8 at one stride below 1200: the
-    multiply of a run of positions is a Weyl sequence)."""
+    A full avalanche: every input bit moves every output bit, so the draws of
+    two positions (or two counts) are independent whatever their distance,
+    powers of two among them (a row's element and the one below it in a
+    matrix of 2**k columns). The same for the same step, different from one
+    step to the next (tested). Two rounds (the build before 2026-12-08, 8%
+    faster in the 8-bit update step on XLA:CPU) related the draws of
+    positions ``2**k`` apart: a multiply carries only upward, so the high
+    bits of a position never reached the low bits of its draw (two stochastic
+    roundings 2**21 positions apart rounded up together 0.42 times as often
+    as independent ones would); one round also drew alike at Fibonacci
+    strides (the multiply of a run of positions is a Weyl sequence). The
+    8-bit encoding draws ``u``'s rounding from the low 19 bits and ``m``'s
+    from the 32 bits read as a signed number; stochastic rounding of
+    parameters from the top 24."""
     position = _last_axis_position(shape)
     stride = shape[-1]
     for axis in range(len(shape) - 2, -1, -1):
@@ -66,7 +71,7 @@ def dither_bits(shape: tuple[int, ...], count: jax.Array, salt: int = 0) -> jax.
     key = count.astype(jnp.uint32) * jnp.uint32(0x85EBCA77) + jnp.uint32(
         (salt * 0xC2B2AE3D) % 2**32
     )
-    h = (position ^ key) * jnp.uint32(0x9E3779B1)
-    h = h ^ (h >> 15)
-    h = h * jnp.uint32(0x846CA68B)
-    return h ^ (h >> 16)
+    h = position ^ key
+    for shift, multiplier in ((17, 0xED5EB4FB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+        h = (h ^ (h >> shift)) * jnp.uint32(multiplier)
+    return h ^ (h >> 14)

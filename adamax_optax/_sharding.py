@@ -148,12 +148,23 @@ def state_shardings(
     )
     outer = jax.tree.structure(opt_state, is_leaf=_grouping.is_grouped)
     nodes = jax.tree.leaves(opt_state, is_leaf=_grouping.is_grouped)
-    return outer.unflatten(
+    found = outer.unflatten(
         [
             _stacked_shardings(node, found) if _grouping.is_grouped(node) else found
             for node, found in zip(nodes, outer.flatten_up_to(per_leaf), strict=True)
         ]
     )
+    # map_params hands the key's array, not its node, to ``sharding``.
+    return jax.tree.map(
+        lambda node, found: sharding(node) if _is_key(node) else found,
+        opt_state,
+        found,
+        is_leaf=_is_key,
+    )
+
+
+def _is_key(node: Any) -> bool:
+    return isinstance(node, StochasticRoundingState)
 
 
 def _stacked_shardings(node: Any, member_shardings: Any) -> Any:

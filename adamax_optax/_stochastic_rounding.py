@@ -37,10 +37,10 @@ def round_stochastically(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array
     share of the unit (a carry runs into the exponent, as the next value up
     does): integer operations, where comparing against the neighbours found by
     ``nextafter`` took several times as long. float16's subnormals, below
-    ``2**-14``, are multiples of ``2**-24``: there ``floor(x * 2**24 + d)``,
-    ``d`` uniform in [0, 1). A finite ``x`` stays finite (at most the type's
-    largest); beyond that, and for infinities and NaN, it is rounded to
-    nearest, as without the option.
+    ``2**-14``, are multiples of ``2**-24``: there ``x * 2**24`` is rounded
+    up where a uniform draw falls below the fraction. Beyond the type's
+    largest value, and for infinities and NaN, ``x`` is rounded to nearest,
+    as without the option.
     """
     info = jnp.finfo(dtype)
     cleared = 23 - int(info.nmant)
@@ -51,11 +51,14 @@ def round_stochastically(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array
     if int(info.minexp) > -126:  # subnormals below float32's normal range
         tiny = float(info.smallest_subnormal)
         draw = (bits >> 8).astype(jnp.float32) * 2.0**-24  # uniform in [0, 1)
-        linear = jnp.floor(x * (1 / tiny) + draw) * tiny
+        # floor(units + draw) would round the sum in float32 first (up, past
+        # a carry); compared with the exact fraction instead.
+        units = x * (1 / tiny)
+        below = jnp.floor(units)
+        linear = (below + jnp.where(draw < units - below, 1.0, 0.0)) * tiny
         rounded = jnp.where(jnp.abs(x) < float(info.smallest_normal), linear, rounded)
-    largest = float(info.max)
-    kept = jnp.minimum(jnp.maximum(rounded, -largest), largest)
-    return jnp.where(jnp.abs(x) <= largest, kept, x).astype(dtype)
+    # Rounding up from at most the largest value cannot pass it.
+    return jnp.where(jnp.abs(x) <= float(info.max), rounded, x).astype(dtype)
 
 
 IMPLEMENTATION = "threefry2x32"

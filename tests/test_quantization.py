@@ -100,16 +100,20 @@ def test_every_m_code_is_written_exactly():
 def reference_dither(shape: tuple[int, ...], count: int, salt: int) -> np.ndarray:
     """The rounding draws as ``dither_bits``' docstring writes them, in NumPy:
     the element's row-major position and a key of the count and the salt,
-    mixed by two multiply-xorshift rounds (uint32 arithmetic, wrapping)."""
+    mixed by Wellons' triple32 (uint32 arithmetic, wrapping)."""
     with np.errstate(over="ignore"):
         position = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
         key = np.uint32(count) * np.uint32(0x85EBCA77) + np.uint32(
             (salt * 0xC2B2AE3D) % 2**32
         )
-        h = (position ^ key) * np.uint32(0x9E3779B1)
+        h = position ^ key
+        h ^= h >> np.uint32(17)
+        h *= np.uint32(0xED5EB4FB)
+        h ^= h >> np.uint32(11)
+        h *= np.uint32(0xAC4C1B51)
         h ^= h >> np.uint32(15)
-        h *= np.uint32(0x846CA68B)
-        return h ^ (h >> np.uint32(16))
+        h *= np.uint32(0x31848BAB)
+        return h ^ (h >> np.uint32(14))
 
 
 @pytest.mark.parametrize(
@@ -186,6 +190,29 @@ def test_rounding_draws_of_elements_some_strides_apart_are_uncorrelated(stride):
     u_draw = (draws & 0x7FFFF).astype(np.float64)
     for x in (m_draw, u_draw):
         assert abs(np.corrcoef(x[:-stride], x[stride:])[0, 1]) < 0.02
+
+
+@pytest.mark.parametrize("distance", [2**8, 2**10, 2**16, 2**21])
+def test_rounding_draws_of_positions_a_power_of_two_apart_are_independent(distance):
+    """A hash whose multiplies only carry upward relates the draws of
+    positions ``2**k`` apart: their differences' low 16 bits, uniform for
+    independent draws, were far from it (chi-square in the hundreds of
+    thousands where 255 is expected). Also between steps ``2**k`` apart."""
+    draws = np.asarray(
+        jax.jit(lambda c: q8.dither_bits((2**23,), c, 3))(jnp.int32(9))
+    ).astype(np.int64)
+    later = np.asarray(
+        jax.jit(lambda c: q8.dither_bits((2**16,), c, 3))(jnp.int32(9 + distance))
+    ).astype(np.int64)
+    for first, second in (
+        (draws[:-distance], draws[distance:]),
+        (draws[: 2**16], later),
+    ):
+        difference = (second - first) % 2**16 >> 8  # 256 bins
+        counts = np.bincount(difference, minlength=256)
+        expected = len(difference) / 256
+        chi_square = ((counts - expected) ** 2 / expected).sum()
+        assert chi_square < 400  # 255 degrees of freedom: p < 1e-7 beyond
 
 
 def test_block_maxima_of_every_sign_and_special_value():

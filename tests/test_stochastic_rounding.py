@@ -118,6 +118,21 @@ def test_rounding_picks_the_two_neighbours_with_the_chances_of_a_mean_of_x(x, dt
         assert abs(values.mean() - x32) < 5 * sigma + 1e-3 * (high - low)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_values_of_the_narrow_type_are_kept_whatever_the_draw(dtype):
+    # Every bit pattern of the type but NaNs, subnormals included: a zero
+    # update leaves a parameter as it is. (A sum rounded in float32 before
+    # its floor once moved float16's subnormals up, 2**-15 of the draws.)
+    patterns = np.arange(2**16, dtype=np.uint16)
+    values = patterns.view(np.dtype(dtype)).astype(np.float32)
+    values = np.tile(values[~np.isnan(values)], 32)  # 2**21 draws
+    bits = dither_bits(values.shape, jnp.uint32(1))
+    rounded = jax.jit(lambda x, b: round_stochastically(x, dtype, b))(
+        jnp.asarray(values), bits
+    )
+    np.testing.assert_array_equal(np.asarray(rounded, np.float32), values)
+
+
 def test_same_seed_same_run_other_seed_other_run():
     start = jnp.full(512, 1.5, jnp.bfloat16)
     a, _ = train(adamax(ULP / 4, stochastic_rounding=True, rounding_seed=3), start, 50)

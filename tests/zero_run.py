@@ -169,17 +169,29 @@ def stochastic_rounding_key_whole() -> None:
     expected = unsharded(tx, params, grads)
     for axis_type in (AxisType.Auto, AxisType.Explicit):
         mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+        param_shardings = {"w": NamedSharding(mesh, P(None, "model"))}
         with jax.set_mesh(mesh):
-            shardings = state_shardings(jax.eval_shape(tx.init, params), mesh, "data")
-            assert shardings["stochastic_rounding"].key.spec == P()
-            state = jax.jit(tx.init, out_shardings=shardings)(params)
-            step = jax.jit(step_fn(tx), out_shardings=(None, shardings))
-            p = params
-            for g in grads:
-                p, state = step(p, state, g)
-        np.testing.assert_array_equal(
-            np.asarray(p["w"], np.float32), np.asarray(expected[0]["w"], np.float32)
-        )
+            abstract = jax.eval_shape(tx.init, params)
+            for shardings in (
+                state_shardings(abstract, mesh, "data"),
+                state_shardings(
+                    abstract,
+                    mesh,
+                    "data",
+                    optimizer=tx,
+                    param_shardings=param_shardings,
+                ),
+            ):
+                assert shardings["stochastic_rounding"].key.spec == P()
+                state = jax.jit(tx.init, out_shardings=shardings)(params)
+                step = jax.jit(step_fn(tx), out_shardings=(None, shardings))
+                p = params
+                for g in grads:
+                    p, state = step(p, state, g)
+                np.testing.assert_array_equal(
+                    np.asarray(p["w"], np.float32),
+                    np.asarray(expected[0]["w"], np.float32),
+                )
 
 
 def quantized_zero() -> None:
