@@ -12,6 +12,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from adamax_optax import _common, _grouping, _runner, _validation
 from adamax_optax import _quantization as q8
+from adamax_optax._dither import dither_bits
 
 
 class ScaleByKerasAdamaxState(NamedTuple):
@@ -254,7 +255,7 @@ def scale_by_keras_adamax(
             m = m + (g - m) * (1 - b1)
             u = q8.maximum_of_nonnegative(b2_f32 * u, jnp.abs(g))
             scale = _common.sharded_like(scale, moments.scale)
-            return q8.encode(m, u, scale, q8.dither_bits(g.shape, count, salt))
+            return q8.encode(m, u, scale, dither_bits(g.shape, count, salt))
 
         def advance_8bit(ms: list[Any], gs: list[Any]) -> list[Any]:
             # Cast where each is read, not once here: a cast gradient handed to

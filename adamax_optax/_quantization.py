@@ -50,8 +50,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamax_optax._dither import dither_bits as dither_bits
-
 MANTISSA_BITS = 4
 """Bits of ``u / scale``'s mantissa in its code: 16 steps an octave."""
 
@@ -192,7 +190,7 @@ def encode(
 ) -> Moments8Bit:
     """The codes of float32 ``m`` and ``u`` against the block ``scale`` (each
     block's largest ``u``); ``dither``: 32 random bits per element
-    (:func:`dither_bits`) for stochastic rounding, ``None`` for round to
+    (``_dither.dither_bits``) for stochastic rounding, ``None`` for round to
     nearest. A moment that is not finite is marked where ``m`` is not finite:
     Adamax's ``m`` is wherever its ``u`` is (:func:`encodable` makes a
     pair from elsewhere so), and overflows alone (a finite gradient near

@@ -89,8 +89,6 @@ def state_shardings(
     def sharding(leaf: Any, base: Any = None) -> Any:
         if isinstance(leaf, optax.MaskedNode):  # an EMA leaf left out
             return leaf
-        if isinstance(leaf, StochasticRoundingState):
-            return StochasticRoundingState(NamedSharding(mesh, PartitionSpec()))
         if _quantization.is_8bit(leaf):  # codes and scales split alike
             blocks = np.shape(leaf.scale)
             spec = split_spec(
@@ -128,35 +126,33 @@ def state_shardings(
                 break
         return spec
 
-    def is_node(x: Any) -> bool:
-        return isinstance(
-            x, (optax.MaskedNode, StochasticRoundingState)
-        ) or _quantization.is_8bit(x)
-
+    is_node = lambda x: isinstance(x, optax.MaskedNode) or _quantization.is_8bit(x)  # noqa: E731
     if optimizer is None:
-        return jax.tree.map(sharding, opt_state, is_leaf=is_node)
-    # Each state leaf that mirrors a parameter starts from its sharding; a
-    # stack of small leaves (adamax's grouped view) takes its first member's,
-    # unsplit along the stacking axis.
-    per_leaf = optax.tree.map_params(
-        optimizer,
-        sharding,
-        _grouping.ungroup(opt_state),
-        param_shardings,
-        transform_non_params=sharding,
-        is_leaf=is_node,
-    )
-    outer = jax.tree.structure(opt_state, is_leaf=_grouping.is_grouped)
-    nodes = jax.tree.leaves(opt_state, is_leaf=_grouping.is_grouped)
-    found = outer.unflatten(
-        [
-            _stacked_shardings(node, found) if _grouping.is_grouped(node) else found
-            for node, found in zip(nodes, outer.flatten_up_to(per_leaf), strict=True)
-        ]
-    )
-    # map_params hands the key's array, not its node, to ``sharding``.
+        found = jax.tree.map(sharding, opt_state, is_leaf=is_node)
+    else:
+        # Each state leaf that mirrors a parameter starts from its sharding; a
+        # stack of small leaves (adamax's grouped view) takes its first member's,
+        # unsplit along the stacking axis.
+        per_leaf = optax.tree.map_params(
+            optimizer,
+            sharding,
+            _grouping.ungroup(opt_state),
+            param_shardings,
+            transform_non_params=sharding,
+            is_leaf=is_node,
+        )
+        outer = jax.tree.structure(opt_state, is_leaf=_grouping.is_grouped)
+        nodes = jax.tree.leaves(opt_state, is_leaf=_grouping.is_grouped)
+        found = outer.unflatten(
+            [
+                _stacked_shardings(node, leaf) if _grouping.is_grouped(node) else leaf
+                for node, leaf in zip(nodes, outer.flatten_up_to(per_leaf), strict=True)
+            ]
+        )
+    # A key's data is never split (a uint32[2] divides a data axis of 2).
+    whole = StochasticRoundingState(NamedSharding(mesh, PartitionSpec()))
     return jax.tree.map(
-        lambda node, found: sharding(node) if _is_key(node) else found,
+        lambda node, found: whole if _is_key(node) else found,
         opt_state,
         found,
         is_leaf=_is_key,

@@ -25,6 +25,7 @@ from adamax_optax import (
 from adamax_optax import _quantization as q8
 from adamax_optax._adamax import encoded_moments
 from adamax_optax._common import find_states
+from adamax_optax._dither import dither_bits
 
 BLOCK = 256
 
@@ -123,7 +124,7 @@ def test_rounding_draws_are_the_hash_of_the_row_major_position(shape):
     # The position is built from runs of up to 256 where the last axis
     # allows (the first three shapes), from the axis' own index where it
     # does not.
-    draws = jax.jit(lambda c: q8.dither_bits(shape, c, 3))(jnp.int32(5))
+    draws = jax.jit(lambda c: dither_bits(shape, c, 3))(jnp.int32(5))
     np.testing.assert_array_equal(np.asarray(draws), reference_dither(shape, 5, 3))
 
 
@@ -143,7 +144,7 @@ def test_stochastic_codes_round_up_with_the_chance_of_the_fraction():
 
     @jax.jit
     def codes(count, m, u):
-        return q8.encode(m, u, scale, q8.dither_bits(m.shape, count, 0))
+        return q8.encode(m, u, scale, dither_bits(m.shape, count, 0))
 
     k, j = split_codes(codes(jnp.int32(7), jnp.asarray(m), jnp.asarray(u)))
     k, j = k[inside], j[inside]
@@ -159,7 +160,7 @@ def test_stochastic_codes_round_up_with_the_chance_of_the_fraction():
     def steps(counts):
         def one(count):
             moments = q8.encode(
-                few_m, few_u, few_scale, q8.dither_bits(few_m.shape, count, 0)
+                few_m, few_u, few_scale, dither_bits(few_m.shape, count, 0)
             )
             return moments.codes
 
@@ -184,7 +185,7 @@ def test_rounding_draws_of_elements_some_strides_apart_are_uncorrelated(stride):
     correlations within 0.02 of 0 over 2**20 elements (the standard error is
     0.001)."""
     draws = np.asarray(
-        jax.jit(lambda c: q8.dither_bits((1024, 1024), c, 3))(jnp.int32(9))
+        jax.jit(lambda c: dither_bits((1024, 1024), c, 3))(jnp.int32(9))
     ).ravel()
     m_draw = draws.view(np.int32).astype(np.float64)
     u_draw = (draws & 0x7FFFF).astype(np.float64)
@@ -199,10 +200,10 @@ def test_rounding_draws_of_positions_a_power_of_two_apart_are_independent(distan
     independent draws, were far from it (chi-square in the hundreds of
     thousands where 255 is expected). Also between steps ``2**k`` apart."""
     draws = np.asarray(
-        jax.jit(lambda c: q8.dither_bits((2**23,), c, 3))(jnp.int32(9))
+        jax.jit(lambda c: dither_bits((2**23,), c, 3))(jnp.int32(9))
     ).astype(np.int64)
     later = np.asarray(
-        jax.jit(lambda c: q8.dither_bits((2**16,), c, 3))(jnp.int32(9 + distance))
+        jax.jit(lambda c: dither_bits((2**16,), c, 3))(jnp.int32(9 + distance))
     ).astype(np.int64)
     for first, second in (
         (draws[:-distance], draws[distance:]),
